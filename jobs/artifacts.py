@@ -1,0 +1,68 @@
+"""The layout of a trained model inside an MLflow run (see docs/ARCHITECTURE.md).
+
+`jobs/` writes it, `viz/` reads it; these names are the one place the layout is spelled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from mlflow.tracking import MlflowClient
+
+MODEL_DIR = "model"
+MODEL_FILE = "model.keras"
+SHA_FILE = "model.sha256"
+CONFIG_FILE = "config.json"
+MLFLOW_MODEL_NAME = "mlflow_model"
+REGISTERED_MODEL = "fer2013-expression"
+CHAMPION_ALIAS = "champion"
+
+TAG_ROLE = "fer.role"
+TAG_FAMILY = "fer.family"
+TAG_STATUS = "fer.trial_status"
+TAG_TRIAL_ID = "ray.trial_id"
+TAG_BEST_RUN = "best_run_id"
+TAG_DATA_SHA = "fer.data_sha256"
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex SHA-256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def log_model_files(
+    client: MlflowClient, run_id: str, model_file: str | Path, config: dict[str, Any]
+) -> str:
+    """Log `model.keras`, its SHA-256 and the resolved config under `model/`; return the hash."""
+    model_file = Path(model_file)
+    if model_file.suffix != ".keras":
+        raise ValueError(f"{model_file}: expected a native Keras '.keras' file")
+    digest = sha256_file(model_file)
+    with tempfile.TemporaryDirectory() as tmp:
+        staged = Path(tmp)
+        (staged / MODEL_FILE).write_bytes(model_file.read_bytes())
+        (staged / SHA_FILE).write_text(digest + "\n")
+        (staged / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True))
+        client.log_artifacts(run_id, str(staged), MODEL_DIR)
+    return digest
+
+
+def download_model_files(client: MlflowClient, run_id: str, dst: str | Path) -> dict[str, Path]:
+    """Download the `model/` folder of a run; return paths of model, sha and config."""
+    local = Path(client.download_artifacts(run_id, MODEL_DIR, str(dst)))
+    files = {"model": local / MODEL_FILE, "sha256": local / SHA_FILE, "config": local / CONFIG_FILE}
+    missing = [name for name, path in files.items() if not path.exists()]
+    if missing:
+        raise FileNotFoundError(
+            f"run {run_id}: artifact folder '{MODEL_DIR}/' lacks {', '.join(missing)} "
+            f"(expected {MODEL_FILE}, {SHA_FILE}, {CONFIG_FILE})"
+        )
+    return files
