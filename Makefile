@@ -1,0 +1,46 @@
+# Two commands matter: `make run` (the main job) and `make test` (the test suite).
+# Both create .venv and install the pinned requirements on first use.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+export MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlflow.db
+export TF_CPP_MIN_LOG_LEVEL ?= 2
+export RAY_USAGE_STATS_ENABLED ?= 0
+ARGS ?=
+
+.PHONY: run test test-slow test-reliability test-infra lint bench ui clean
+
+$(BIN)/.installed: requirements.txt requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -r requirements-dev.txt
+	touch $@
+
+run: $(BIN)/.installed
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/mlflow run . --env-manager local $(ARGS)
+
+test: $(BIN)/.installed
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q
+
+test-slow: $(BIN)/.installed
+	$(BIN)/python -m pytest -q -m slow
+
+test-reliability: $(BIN)/.installed
+	$(BIN)/python -m pytest -q -m reliability
+
+test-infra: $(BIN)/.installed
+	$(BIN)/python -m pytest -q -m infra
+
+lint: $(BIN)/.installed
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+bench: $(BIN)/.installed
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m bench.run_all $(ARGS)
+
+ui: $(BIN)/.installed
+	$(BIN)/mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI) --host 127.0.0.1 --port 5000
+
+clean:
+	rm -rf $(VENV) tune_results mlruns mlflow.db

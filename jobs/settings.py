@@ -1,0 +1,95 @@
+"""Settings of every job: the one source of truth for defaults.
+
+`MLproject` parameters and the argparse CLIs both take their defaults from these dataclasses;
+`tests/test_settings.py` proves they agree.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, fields
+from typing import Any, TypeVar
+
+DATA_HELP = (
+    "FER2013 as a path or s3:// URI: the challenge CSV fer2013.csv(.gz), icml_face_data.csv, "
+    "the course train.csv/test.csv, or an image-folder tree. Get it from the Kaggle "
+    "'Challenges in Representation Learning: Facial Expression Recognition' competition."
+)
+
+
+@dataclass
+class SearchSettings:
+    """A Ray Tune search over CNN and DNN variants (the `search` and `main` entry points)."""
+
+    data: str = "data/fer2013.csv"
+    families: str = "cnn,dnn"
+    num_samples: int = 8
+    max_epochs: int = 30
+    time_budget_min: float = 60.0
+    data_fraction: float = 1.0
+    seed: int = 2017
+    storage: str = "tune_results"
+    resume: bool = False
+    name: str = "fer2013-search"
+    worker_memory_gb: float = 0.0  # 0: detect from the Ray cluster
+    cpus_per_trial: float = 1.0
+    grace_epochs: int = 4
+    max_failures: int = 2
+    register: bool = True
+
+
+@dataclass
+class TrainSettings:
+    """One training run of one config (the `train` entry point), tracked as one MLflow run."""
+
+    data: str = "data/fer2013.csv"
+    family: str = "cnn"
+    preset: str = "seed2017"
+    config: str = ""  # JSON object of model config fields overriding the preset
+    epochs: int = 10
+    batch_size: int = 64
+    learning_rate: float = 0.001
+    optimizer: str = "adam"
+    data_fraction: float = 1.0
+    seed: int = 2017
+
+
+@dataclass
+class PrepareSettings:
+    """Parse and cache the data; optionally upload the source to S3 (the `prepare` entry point)."""
+
+    data: str = "data/fer2013.csv"
+    upload: str = ""  # s3://bucket/key to copy the source to
+
+
+S = TypeVar("S")
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = str(text).strip().lower()
+    if lowered in {"1", "true", "yes", "y", "on"}:
+        return True
+    if lowered in {"0", "false", "no", "n", "off", ""}:
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """Add one `--field-name` flag per dataclass field, defaulting to the field's default."""
+    for field in fields(cls):
+        flag = "--" + field.name.replace("_", "-")
+        default = field.default
+        kind = bool if isinstance(default, bool) else type(default)
+        converter: Any = _parse_bool if kind is bool else kind
+        parser.add_argument(flag, dest=field.name, type=converter, default=default)
+
+
+def from_namespace(cls: type[S], namespace: argparse.Namespace) -> S:
+    """Build the settings dataclass from parsed arguments (ignores unrelated attributes)."""
+    values = {f.name: getattr(namespace, f.name) for f in fields(cls) if hasattr(namespace, f.name)}
+    return cls(**values)
+
+
+def as_dict(settings: Any) -> dict[str, Any]:
+    return dataclasses.asdict(settings)

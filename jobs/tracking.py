@@ -1,0 +1,328 @@
+"""MLflow from the Tune driver: one parent run per search, one child run per trial.
+
+The driver is the only process that writes to the tracking store (trials report to Tune), so
+a SQLite store sees one writer, and one queue can buffer writes while a tracking server is
+unreachable: every operation is queued in order and flushed when the server answers again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+from ray import tune
+
+from jobs import artifacts as layout
+
+log = logging.getLogger(__name__)
+
+EPOCH_METRICS = ("loss", "accuracy", "val_loss", "val_accuracy", "epoch_seconds",
+                 "images_per_second")
+# Errors that will not go away by retrying (bad value, duplicate): drop the op, don't block.
+_PERMANENT = {"INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST"}
+
+
+class TrackingUnavailable(RuntimeError):
+    """The tracking server stayed unreachable; the message says what was not sent."""
+
+
+def quick_failing_client_env() -> None:
+    """Make one MLflow HTTP call fail in seconds, not minutes: the queue does the retrying."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+
+
+class TrackingQueue:
+    """Ordered MLflow writes that survive a server outage."""
+
+    def __init__(self, client: MlflowClient) -> None:
+        self.client = client
+        self.pending: list[tuple[str, Callable[[], Any]]] = []
+        self.last_error: str = ""
+        self.dropped = 0
+
+    def submit(self, what: str, operation: Callable[[], Any]) -> None:
+        self.pending.append((what, operation))
+        self.flush()
+
+    def flush(self) -> bool:
+        """Send what is queued, in order; False if the store is still unreachable."""
+        while self.pending:
+            what, operation = self.pending[0]
+            try:
+                operation()
+            except MlflowException as error:
+                if error.error_code in _PERMANENT:
+                    log.warning("MLflow refused %s: %s (dropped)", what, error.message[:300])
+                    self.dropped += 1
+                    self.pending.pop(0)
+                    continue
+                self._remember(what, error)
+                return False
+            except Exception as error:  # connection refused, timeout, 5xx from a proxy
+                self._remember(what, error)
+                return False
+            self.pending.pop(0)
+        return True
+
+    def _remember(self, what: str, error: Exception) -> None:
+        message = f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"
+        if message != self.last_error:
+            log.warning("tracking store unreachable while sending %s (%s); %d write(s) queued",
+                        what, message, len(self.pending))
+        self.last_error = message
+
+    def drain(self, timeout_s: float) -> None:
+        """Flush, retrying until `timeout_s`; raise TrackingUnavailable if writes remain."""
+        deadline = time.monotonic() + timeout_s
+        delay = 1.0
+        while not self.flush():
+            if time.monotonic() >= deadline:
+                raise TrackingUnavailable(
+                    f"the MLflow tracking store ({self.client.tracking_uri}) stayed unreachable "
+                    f"for {timeout_s:.0f} s: {len(self.pending)} write(s) not sent, first: "
+                    f"{self.pending[0][0]}; last error: {self.last_error}. Trial checkpoints "
+                    f"are kept in Tune storage."
+                )
+            time.sleep(delay)
+            delay = min(delay * 2, 10.0)
+
+
+def _flat_params(plan: dict[str, Any], placement: dict[str, Any]) -> dict[str, str]:
+    params = {
+        "family": plan["model"]["family"],
+        "plan_name": plan["name"],
+        "param_count": str(placement["param_count"]),
+        "estimated_memory_mb": f"{placement['estimated_mb']:.1f}",
+        "placement": placement["status"],
+    }
+    for key, value in plan["training"].items():
+        params[key] = str(value)
+    for key, value in plan["model"].items():
+        if key != "family":
+            text = json.dumps(value) if isinstance(value, dict | list | tuple) else str(value)
+            params[f"model.{key}"] = text[:6000]
+    return params
+
+
+def run_config_json(plan: dict[str, Any], placement: dict[str, Any], data_info: dict[str, Any],
+                    training: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The resolved config saved next to the model (docs/ARCHITECTURE.md)."""
+    return {
+        "family": plan["model"]["family"],
+        "model": plan["model"],
+        "training": training or plan["training"],
+        "data": data_info,
+        "param_count": placement["param_count"],
+        "plan_name": plan["name"],
+    }
+
+
+def pip_requirements() -> list[str]:
+    import keras
+    import tensorflow as tf
+
+    # Given explicitly so MLflow does not spend a subprocess inferring them.
+    return [f"tensorflow=={tf.__version__}", f"keras=={keras.__version__}"]
+
+
+def log_keras_model(run_id: str, model_file: Path) -> str:
+    """Log the MLflow Keras flavour (with signature) into `run_id`; return its model URI."""
+    import keras
+    import mlflow
+    import numpy as np
+    from mlflow.models import infer_signature
+
+    model = keras.saving.load_model(model_file, safe_mode=True)
+    example = np.zeros((2, 48, 48, 1), dtype=np.float32)
+    signature = infer_signature(example, model.predict(example, verbose=0))
+    with mlflow.start_run(run_id=run_id, nested=True):
+        info = mlflow.keras.log_model(
+            model,
+            name=layout.MLFLOW_MODEL_NAME,
+            signature=signature,
+            pip_requirements=pip_requirements(),
+        )
+    return info.model_uri
+
+
+class MLflowTrialLogger(tune.Callback):
+    """Tune callback: child runs per trial, per-epoch metrics, the model when a trial ends."""
+
+    def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str,
+                 plans: dict[str, dict[str, Any]], data_info: dict[str, Any]) -> None:
+        self.tracking_uri = tracking_uri
+        self.experiment_id = experiment_id
+        self.parent_run_id = parent_run_id
+        self.plans = plans  # plan name -> {"plan": ..., "placement": ...}
+        self.data_info = data_info
+        self._init_state()
+
+    def _init_state(self) -> None:
+        self.client = MlflowClient(self.tracking_uri)
+        self.queue = TrackingQueue(self.client)
+        self.run_ids: dict[str, str] = {}
+        self.logged_epochs: dict[str, set[int]] = {}
+        self.completed: set[str] = set()
+
+    # Tune pickles its callbacks with the experiment state; clients and queues are rebuilt.
+    def __getstate__(self) -> dict[str, Any]:
+        keep = ("tracking_uri", "experiment_id", "parent_run_id", "plans", "data_info")
+        return {key: self.__dict__[key] for key in keep}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._init_state()
+
+    # ------------------------------------------------------------------ runs
+    def _existing_children(self) -> dict[str, Any]:
+        runs = self.client.search_runs(
+            [self.experiment_id],
+            filter_string=f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{self.parent_run_id}'",
+            max_results=5000,
+        )
+        return {run.data.tags.get(layout.TAG_TRIAL_ID, ""): run for run in runs}
+
+    def setup(self, **info: Any) -> None:
+        # Re-attach to child runs of a restored search instead of creating duplicates.
+        try:
+            for trial_id, run in self._existing_children().items():
+                if not trial_id:
+                    continue
+                self.run_ids[trial_id] = run.info.run_id
+                history = self.client.get_metric_history(run.info.run_id, "val_accuracy")
+                self.logged_epochs[trial_id] = {int(m.step) for m in history}
+                if run.info.status != "RUNNING":
+                    self.completed.add(trial_id)
+        except Exception as error:  # the server may be down at start; runs are made later
+            log.warning("could not list existing child runs: %s", error)
+
+    def _ensure_run(self, trial: Any) -> None:
+        trial_id = trial.trial_id
+        if trial_id in self.run_ids:
+            return
+        plan_name = trial.config["trial"]["name"]
+        entry = self.plans[plan_name]
+        tags = {
+            MLFLOW_PARENT_RUN_ID: self.parent_run_id,
+            layout.TAG_ROLE: "trial",
+            layout.TAG_FAMILY: entry["plan"]["model"]["family"],
+            layout.TAG_TRIAL_ID: trial_id,
+            "fer.plan_name": plan_name,
+        }
+        params = _flat_params(entry["plan"], entry["placement"])
+        self.logged_epochs.setdefault(trial_id, set())
+
+        def create() -> None:
+            run = self.client.create_run(self.experiment_id, run_name=plan_name, tags=tags)
+            self.run_ids[trial_id] = run.info.run_id
+            self.client.log_batch(
+                run.info.run_id, params=[Param(k, v) for k, v in params.items()]
+            )
+
+        self.queue.submit(f"child run for trial {trial_id}", create)
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._ensure_run(trial)
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict,
+                        **info: Any) -> None:
+        self._ensure_run(trial)
+        trial_id = trial.trial_id
+        epoch = int(result.get("epoch", result.get("training_iteration", 0)))
+        if epoch in self.logged_epochs.setdefault(trial_id, set()):
+            return  # replayed after a restore: already in MLflow
+        self.logged_epochs[trial_id].add(epoch)
+        now = int(time.time() * 1000)
+        metrics = [Metric(key, float(result[key]), now, epoch) for key in EPOCH_METRICS
+                   if key in result]
+        metrics.append(Metric("best_val_accuracy", float(result["best_val_accuracy"]), now, epoch))
+        extra = {"micro_batch_size": str(result.get("micro_batch_size", "")),
+                 "oom_retries": str(result.get("oom_retries", 0))}
+        self.queue.submit(
+            f"epoch {epoch} metrics of trial {trial_id}",
+            lambda: self.client.log_batch(
+                self.run_ids[trial_id], metrics=metrics,
+                tags=[RunTag(f"fer.{k}", v) for k, v in extra.items()],
+            ),
+        )
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.finish_trial(trial.trial_id, trial.config, trial.checkpoint, trial.last_result,
+                          error=None)
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        error = trial.get_error() if hasattr(trial, "get_error") else None
+        self.finish_trial(trial.trial_id, trial.config, trial.checkpoint, trial.last_result,
+                          error=str(error or "trial failed (no error text)"))
+
+    # ------------------------------------------------------------------ completion
+    def finish_trial(self, trial_id: str, config: dict, checkpoint: Any, last_result: dict,
+                     error: str | None, killed: bool = False) -> None:
+        """Log the model (if any) and close the child run: FINISHED, FAILED or KILLED."""
+        if trial_id in self.completed:
+            return
+        self.completed.add(trial_id)
+        plan = config["trial"]
+        entry = self.plans[plan["name"]]
+        max_epochs = int(plan["training"]["max_epochs"])
+        epochs_done = int((last_result or {}).get("epoch", 0))
+        if error is not None:
+            status, tag = "FAILED", "failed"
+        elif killed:
+            status, tag = "KILLED", "killed"
+        elif epochs_done < max_epochs:
+            status, tag = "FINISHED", "early_stopped"
+        else:
+            status, tag = "FINISHED", "finished"
+
+        staged: Path | None = None
+        if checkpoint is not None and error is None:
+            staged = Path(tempfile.mkdtemp(prefix="fer-model-"))
+            checkpoint.to_directory(str(staged))
+        training = dict(plan["training"])
+        if last_result:
+            training["micro_batch_size"] = int(last_result.get("micro_batch_size",
+                                                               training["micro_batch_size"]))
+        run_config = run_config_json(entry["plan"], entry["placement"], self.data_info, training)
+
+        def finish() -> None:
+            run_id = self.run_ids[trial_id]
+            tags = {layout.TAG_STATUS: tag, "fer.epochs_done": str(epochs_done)}
+            if error:
+                tags["fer.error"] = error[-4000:]
+            if staged is not None and (staged / "best.keras").exists():
+                layout.log_model_files(self.client, run_id, staged / "best.keras", run_config)
+                tags["fer.model_uri"] = log_keras_model(run_id, staged / "best.keras")
+            for key, value in tags.items():
+                self.client.set_tag(run_id, key, value)
+            self.client.set_terminated(run_id, status)
+
+        self._ensure_run_for(trial_id, config)
+        self.queue.submit(f"completion of trial {trial_id}", finish)
+
+    def _ensure_run_for(self, trial_id: str, config: dict) -> None:
+        if trial_id not in self.run_ids:
+            self._ensure_run(_TrialView(trial_id, config))
+
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        self.queue.flush()
+
+
+class _TrialView:
+    """The two attributes `_ensure_run` reads, for trials known only from a result grid."""
+
+    def __init__(self, trial_id: str, config: dict) -> None:
+        self.trial_id = trial_id
+        self.config = config

@@ -1,0 +1,144 @@
+"""One training run of one config, tracked as one MLflow run (no Ray).
+
+    python -m jobs.train --family cnn --preset seed2017 --epochs 10 --data fer2013.csv.gz
+    python -m jobs.train --family dnn --preset "" --config '{"hidden_units": [512, 256]}'
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from jobs.settings import TrainSettings, add_arguments, from_namespace
+
+
+def preset_configs() -> dict[str, Any]:
+    """Named starting points for `--preset` (model configs)."""
+    from jobs.space import SEED2017_PARAMS
+    from model.cnn import SEED2017, CNNConfig
+    from model.dnn import DNNConfig, param_matched_dnn
+
+    return {
+        "seed2017": SEED2017,
+        "dnn-matched": param_matched_dnn(SEED2017_PARAMS, depth=3, dropout=0.3,
+                                         normalization="standardize"),
+        "cnn-default": CNNConfig(),
+        "dnn-default": DNNConfig(),
+    }
+
+
+def resolve_model_config(family: str, preset: str, overrides: str) -> Any:
+    from model.configs import config_from_dict, config_to_dict
+
+    presets = preset_configs()
+    name = preset or f"{family}-default"
+    if name not in presets:
+        raise ValueError(f"preset: expected one of {sorted(presets)} or '', got {preset!r}")
+    base = config_to_dict(presets[name])
+    if base["family"] != family:
+        raise ValueError(f"preset {name!r} is a {base['family']} config, but family={family!r}")
+    if overrides:
+        try:
+            extra = json.loads(overrides)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"config: expected a JSON object, got {overrides!r} ({error})") from error
+        if not isinstance(extra, dict):
+            raise ValueError(f"config: expected a JSON object, got {type(extra).__name__}")
+        base.update(extra)
+    return config_from_dict(base)
+
+
+def train(settings: TrainSettings) -> dict[str, Any]:
+    """Train, log to MLflow (the run `mlflow run` opened, or a new one); return final metrics."""
+    import keras
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from jobs import artifacts as layout
+    from jobs.resources import MIB
+    from jobs.search import prepare_arrays, resolve_data
+    from jobs.tracking import log_keras_model
+    from jobs.training import EpochLoop, TrainData, TrainingConfig
+    from model.configs import build_model, config_to_dict
+    from model.memory import estimate_training_memory
+
+    data = resolve_data(settings.data)
+    model_config = resolve_model_config(settings.family, settings.preset, settings.config)
+    training = TrainingConfig(batch_size=settings.batch_size,
+                              micro_batch_size=settings.batch_size,
+                              learning_rate=settings.learning_rate, optimizer=settings.optimizer,
+                              max_epochs=settings.epochs, seed=settings.seed)
+    arrays, data_info = prepare_arrays(data, settings.data_fraction, settings.seed)
+    keras.utils.set_random_seed(settings.seed)
+    stats = (arrays["mean"], arrays["variance"])
+    model = build_model(model_config, stats=stats)
+    estimate = estimate_training_memory(model, settings.batch_size, optimizer=settings.optimizer)
+    train_data = TrainData(arrays["x_train"].astype("float32"), arrays["y_train"],
+                           arrays["x_val"].astype("float32"), arrays["y_val"])
+
+    client = MlflowClient()
+    # Inside `mlflow run` this resumes the run it opened (MLFLOW_RUN_ID); else starts one.
+    with mlflow.start_run() as run:
+        run_id = run.info.run_id
+        mlflow.set_tags({layout.TAG_ROLE: "train", layout.TAG_FAMILY: settings.family,
+                         layout.TAG_DATA_SHA: data_info["sha256"]})
+        params = {"family": settings.family, "preset": settings.preset,
+                  "param_count": model.count_params(),
+                  "estimated_memory_mb": round(estimate / MIB, 1),
+                  "data_fraction": settings.data_fraction, **{
+                      k: v for k, v in vars(training).items()}}
+        for key, value in config_to_dict(model_config).items():
+            if key != "family":
+                params[f"model.{key}"] = (
+                    json.dumps(value) if isinstance(value, dict | list) else value
+                )
+        mlflow.log_params({k: str(v)[:6000] for k, v in params.items()})
+
+        def on_epoch_end(metrics: dict[str, Any], _: Path) -> None:
+            epoch = int(metrics["epoch"])
+            mlflow.log_metrics({k: float(v) for k, v in metrics.items()
+                                if k not in {"epoch", "micro_batch_size", "oom_retries"}},
+                               step=epoch)
+            print(f"epoch {epoch}/{training.max_epochs}: "
+                  f"val_accuracy {metrics['val_accuracy']:.4f} "
+                  f"({metrics['epoch_seconds']:.1f} s)", flush=True)
+
+        with tempfile.TemporaryDirectory() as workdir:
+            loop = EpochLoop(lambda: model, train_data, training, Path(workdir))
+            state = loop.run(on_epoch_end)
+            run_config = {
+                "family": settings.family, "model": config_to_dict(model_config),
+                "training": {**vars(training), "micro_batch_size": state.micro_batch_size},
+                "data": {k: data_info[k] for k in ("source", "sha256", "data_fraction", "seed",
+                                                   "train_usage", "val_usage")},
+                "param_count": int(model.count_params()),
+            }
+            best = Path(workdir) / "best.keras"
+            digest = layout.log_model_files(client, run_id, best, run_config)
+            model_uri = log_keras_model(run_id, best)
+        mlflow.set_tags({layout.TAG_STATUS: "finished", "fer.model_uri": model_uri})
+        mlflow.log_metric("best_val_accuracy", state.best_val_accuracy)
+    return {"run_id": run_id, "best_val_accuracy": state.best_val_accuracy,
+            "best_epoch": state.best_epoch, "model_sha256": digest, "epochs": state.epoch}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from jobs.cli import run_cli
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(parser, TrainSettings)
+    settings = from_namespace(TrainSettings, parser.parse_args(argv))
+
+    def work() -> int:
+        print(json.dumps(train(settings), indent=2))
+        return 0
+
+    return run_cli(work)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

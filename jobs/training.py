@@ -1,0 +1,282 @@
+"""The epoch loop shared by a Tune trial and the single `train` job.
+
+It owns what both need: optimizer construction (with gradient accumulation when the micro-batch
+is smaller than the batch), a checkpoint after every epoch, the best-epoch model, and the runtime
+OOM fallback: halve the micro-batch, double accumulation, resume from the last checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop")
+MIN_MICRO_BATCH = 4
+LAST_MODEL = "model.keras"
+BEST_MODEL = "best.keras"
+STATE_FILE = "state.json"
+
+
+@dataclass
+class TrainingConfig:
+    batch_size: int = 64
+    micro_batch_size: int = 64
+    learning_rate: float = 1e-3
+    optimizer: str = "adam"
+    max_epochs: int = 10
+    seed: int = 2017
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer: expected one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.batch_size < 1 or self.micro_batch_size < 1:
+            raise ValueError(
+                f"batch_size/micro_batch_size: expected >= 1, got "
+                f"{self.batch_size}/{self.micro_batch_size}"
+            )
+        if self.batch_size % self.micro_batch_size:
+            raise ValueError(
+                f"micro_batch_size: expected a divisor of batch_size {self.batch_size}, "
+                f"got {self.micro_batch_size}"
+            )
+        if not self.learning_rate > 0:
+            raise ValueError(f"learning_rate: expected > 0, got {self.learning_rate}")
+        if self.max_epochs < 1:
+            raise ValueError(f"max_epochs: expected >= 1, got {self.max_epochs}")
+
+    @property
+    def accumulation_steps(self) -> int:
+        return self.batch_size // self.micro_batch_size
+
+
+@dataclass
+class TrainState:
+    """What a checkpoint remembers besides the model itself."""
+
+    epoch: int = 0
+    best_val_accuracy: float = -1.0
+    best_epoch: int = 0
+    micro_batch_size: int = 0
+    oom_retries: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    def save(self, directory: Path) -> None:
+        (directory / STATE_FILE).write_text(json.dumps(asdict(self)))
+
+    @classmethod
+    def load(cls, directory: Path) -> TrainState:
+        return cls(**json.loads((directory / STATE_FILE).read_text()))
+
+
+@dataclass
+class TrainData:
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_val: np.ndarray
+    y_val: np.ndarray
+
+
+def make_optimizer(config: TrainingConfig) -> Any:
+    import keras
+
+    kwargs: dict[str, Any] = {"learning_rate": config.learning_rate}
+    if config.accumulation_steps > 1:
+        kwargs["gradient_accumulation_steps"] = config.accumulation_steps
+    if config.optimizer == "adam":
+        return keras.optimizers.Adam(**kwargs)
+    if config.optimizer == "adamw":
+        return keras.optimizers.AdamW(weight_decay=1e-4, **kwargs)
+    if config.optimizer == "sgd":
+        return keras.optimizers.SGD(momentum=0.9, nesterov=True, **kwargs)
+    return keras.optimizers.RMSprop(**kwargs)
+
+
+def compile_model(model: Any, config: TrainingConfig) -> None:
+    model.compile(
+        optimizer=make_optimizer(config),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+    )
+
+
+def _transfer_optimizer_state(old: Any, new: Any, model: Any) -> None:
+    """Carry step count and moment estimates into a re-made optimizer (accumulators start at 0)."""
+    new.build(model.trainable_variables)
+    by_key = {v.path.split("/", 1)[-1]: v for v in old.variables}
+    for variable in new.variables:
+        source = by_key.get(variable.path.split("/", 1)[-1])
+        if source is not None and tuple(source.shape) == tuple(variable.shape):
+            variable.assign(source)
+
+
+class InjectedOOM:
+    """Test hook: raise a real ResourceExhaustedError during an epoch while the micro-batch is big.
+
+    Configured from the trial config's `fault_injection` entry, so tests exercise the same
+    recovery path a GPU OOM takes.
+    """
+
+    def __init__(self, at_epoch: int, above_micro_batch: int) -> None:
+        self.at_epoch = at_epoch
+        self.above_micro_batch = above_micro_batch
+
+    def callback(self, epoch: int, micro_batch: int) -> Any:
+        import keras
+        import tensorflow as tf
+
+        trigger = epoch == self.at_epoch and micro_batch > self.above_micro_batch
+
+        class _Raise(keras.callbacks.Callback):
+            def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
+                if trigger and batch >= 1:
+                    raise tf.errors.ResourceExhaustedError(
+                        None, None, f"injected OOM at epoch {epoch}, micro-batch {micro_batch}"
+                    )
+
+        return _Raise()
+
+
+class EpochLoop:
+    """Train epoch by epoch, checkpointing into `workdir` after each one.
+
+    `build_model` makes a fresh compiled-from-scratch model (used when there is no checkpoint yet).
+    `on_epoch_end(metrics, workdir)` is called after the checkpoint of each epoch is written.
+    """
+
+    def __init__(
+        self,
+        build_model: Callable[[], Any],
+        data: TrainData,
+        config: TrainingConfig,
+        workdir: Path,
+        *,
+        resume_from: Path | None = None,
+        fault: InjectedOOM | None = None,
+    ) -> None:
+        self.build_model = build_model
+        self.data = data
+        self.config = config
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.fault = fault
+        if resume_from is not None and (Path(resume_from) / STATE_FILE).exists():
+            self._restore(Path(resume_from))
+        else:
+            self.state = TrainState(micro_batch_size=config.micro_batch_size)
+            self.model = build_model()
+            compile_model(self.model, self._effective_config())
+
+    def _effective_config(self) -> TrainingConfig:
+        return TrainingConfig(
+            batch_size=self.config.batch_size,
+            micro_batch_size=self.state.micro_batch_size,
+            learning_rate=self.config.learning_rate,
+            optimizer=self.config.optimizer,
+            max_epochs=self.config.max_epochs,
+            seed=self.config.seed,
+        )
+
+    def _restore(self, checkpoint: Path) -> None:
+        import keras
+
+        self.state = TrainState.load(checkpoint)
+        self.model = keras.saving.load_model(checkpoint / LAST_MODEL, safe_mode=True)
+        if checkpoint.resolve() != self.workdir.resolve():
+            for name in (LAST_MODEL, BEST_MODEL, STATE_FILE):
+                if (checkpoint / name).exists():
+                    shutil.copy2(checkpoint / name, self.workdir / name)
+        log.info("resumed from %s at epoch %d", checkpoint, self.state.epoch)
+
+    def _recover_from_oom(self, error: Exception) -> None:
+        new_micro = self.state.micro_batch_size // 2
+        if new_micro < MIN_MICRO_BATCH or self.config.batch_size % new_micro:
+            raise RuntimeError(
+                f"out of memory at micro-batch {self.state.micro_batch_size}; cannot halve "
+                f"further (minimum {MIN_MICRO_BATCH}, must divide batch {self.config.batch_size})"
+            ) from error
+        log.warning(
+            "out of memory at micro-batch %d (%s); retrying with %d from the last checkpoint",
+            self.state.micro_batch_size,
+            str(error).splitlines()[0][:200],
+            new_micro,
+        )
+        oom_retries = self.state.oom_retries + 1
+        if (self.workdir / STATE_FILE).exists():
+            self._restore(self.workdir)
+        else:
+            self.state = TrainState()
+            self.model = self.build_model()
+        self.state.micro_batch_size = new_micro
+        self.state.oom_retries = oom_retries
+        old_optimizer = getattr(self.model, "optimizer", None)
+        compile_model(self.model, self._effective_config())
+        if old_optimizer is not None and old_optimizer.built:
+            _transfer_optimizer_state(old_optimizer, self.model.optimizer, self.model)
+
+    def _one_epoch(self, epoch: int) -> dict[str, float]:
+        import tensorflow as tf  # noqa: F401  (OOM type lives there)
+
+        callbacks = []
+        if self.fault is not None:
+            callbacks.append(self.fault.callback(epoch, self.state.micro_batch_size))
+        started = time.perf_counter()
+        history = self.model.fit(
+            self.data.x_train,
+            self.data.y_train,
+            batch_size=self.state.micro_batch_size,
+            epochs=epoch,
+            initial_epoch=epoch - 1,
+            validation_data=(self.data.x_val, self.data.y_val),
+            shuffle=True,
+            verbose=0,
+            callbacks=callbacks,
+        ).history
+        seconds = time.perf_counter() - started
+        return {
+            "loss": float(history["loss"][-1]),
+            "accuracy": float(history["accuracy"][-1]),
+            "val_loss": float(history["val_loss"][-1]),
+            "val_accuracy": float(history["val_accuracy"][-1]),
+            "epoch_seconds": seconds,
+            "images_per_second": len(self.data.x_train) / seconds,
+        }
+
+    def run(self, on_epoch_end: Callable[[dict[str, Any], Path], None]) -> TrainState:
+        import tensorflow as tf
+
+        while self.state.epoch < self.config.max_epochs:
+            epoch = self.state.epoch + 1
+            try:
+                metrics = self._one_epoch(epoch)
+            except tf.errors.ResourceExhaustedError as error:
+                self._recover_from_oom(error)
+                continue
+            self.state.epoch = epoch
+            if metrics["val_accuracy"] > self.state.best_val_accuracy:
+                self.state.best_val_accuracy = metrics["val_accuracy"]
+                self.state.best_epoch = epoch
+                self.model.save(self.workdir / BEST_MODEL)
+            self.model.save(self.workdir / LAST_MODEL)
+            self.state.history.append({"epoch": epoch, **metrics})
+            self.state.save(self.workdir)
+            on_epoch_end(
+                {
+                    "epoch": epoch,
+                    **metrics,
+                    "best_val_accuracy": self.state.best_val_accuracy,
+                    "micro_batch_size": self.state.micro_batch_size,
+                    "oom_retries": self.state.oom_retries,
+                },
+                self.workdir,
+            )
+        return self.state

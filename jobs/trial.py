@@ -1,0 +1,105 @@
+"""One Tune trial: the trainable takes only `config` (data arrives through Ray's object store).
+
+The trial never talks to MLflow: it reports metrics and an epoch checkpoint to Tune, and the
+driver's `MLflowTrialLogger` callback is the single writer to the tracking store. That keeps a
+SQLite store free of lock contention and lets one place buffer while a server is down.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from jobs.training import EpochLoop, InjectedOOM, TrainData, TrainingConfig
+
+
+def configure_tensorflow(cpus: float, gpu_memory_mb: float) -> None:
+    """Size TF's thread pools to this trial's CPU share and cap its GPU memory to its estimate.
+
+    Must run before TensorFlow executes its first op in this process.
+    """
+    import tensorflow as tf
+
+    threads = max(1, int(round(cpus)))
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(min(2, threads))
+    except RuntimeError:
+        pass  # already initialised (process reused): keep its settings
+    gpus = tf.config.list_physical_devices("GPU")
+    if gpus and gpu_memory_mb > 0:
+        try:
+            tf.config.set_logical_device_configuration(
+                gpus[0], [tf.config.LogicalDeviceConfiguration(memory_limit=int(gpu_memory_mb))]
+            )
+        except RuntimeError:
+            pass
+
+
+def _training_config(config: dict[str, Any]) -> TrainingConfig:
+    return TrainingConfig(**config["training"])
+
+
+def train_trial(config: dict[str, Any], data: dict[str, Any] | None = None) -> None:
+    """Tune trainable. `config["trial"]` is one planned trial (see jobs/space.py)."""
+    from ray import tune
+
+    trial = config["trial"]
+    resources = trial["resources"]
+    configure_tensorflow(resources.get("CPU", 1.0), trial.get("gpu_memory_limit_mb", 0.0))
+
+    import keras
+
+    from model.configs import build_model, config_from_dict
+
+    if data is None:
+        raise ValueError("train_trial needs the data through tune.with_parameters(data=...)")
+    keras.utils.set_random_seed(int(trial["training"]["seed"]))
+    arrays = TrainData(
+        x_train=data["x_train"].astype("float32"),
+        y_train=data["y_train"],
+        x_val=data["x_val"].astype("float32"),
+        y_val=data["y_val"],
+    )
+    stats = (data["mean"], data["variance"])
+    model_config = config_from_dict(trial["model"])
+    fault_spec = trial.get("fault_injection") or {}
+    fault = (
+        InjectedOOM(int(fault_spec["oom_at_epoch"]), int(fault_spec.get("above_micro_batch", 0)))
+        if "oom_at_epoch" in fault_spec
+        else None
+    )
+    kill_spec = fault_spec.get("kill_at_epoch")
+
+    workdir = Path(tempfile.mkdtemp(prefix="fer-trial-"))
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        restored = Path(checkpoint.to_directory(str(workdir / "restored")))
+        loop = EpochLoop(
+            lambda: build_model(model_config, stats=stats),
+            arrays,
+            _training_config(trial),
+            workdir / "current",
+            resume_from=restored,
+            fault=fault,
+        )
+    else:
+        loop = EpochLoop(
+            lambda: build_model(model_config, stats=stats),
+            arrays,
+            _training_config(trial),
+            workdir / "current",
+            fault=fault,
+        )
+
+    def report(metrics: dict[str, Any], directory: Path) -> None:
+        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(directory)))
+        # Test hook for reliability tests: die hard once, right after epoch k is checkpointed.
+        marker = fault_spec.get("kill_marker")
+        if kill_spec and metrics["epoch"] == int(kill_spec) and marker and not Path(marker).exists():
+            Path(marker).write_text(str(os.getpid()))
+            os._exit(137)
+
+    loop.run(report)

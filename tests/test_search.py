@@ -1,0 +1,136 @@
+"""The search end to end on a tiny generated data set: Ray Tune, memory placement, MLflow."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow
+import pytest
+from mlflow.tracking import MlflowClient
+
+from jobs import artifacts as layout
+from jobs.resources import GIB, MIB, WorkerBudget, budget_from_nodes, place
+from jobs.search import plan_trials, run_search
+from jobs.settings import SearchSettings
+from viz_helpers import write_fer_csv
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    import ray
+
+    from jobs.search import init_ray
+
+    init_ray(num_cpus=2)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture
+def tracking(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> MlflowClient:
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "search-test")
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
+    mlflow.set_tracking_uri(uri)
+    return MlflowClient(uri)
+
+
+def test_budget_detection_prefers_gpu_memory() -> None:
+    nodes = [
+        {"Alive": True, "Resources": {"CPU": 4, "memory": 8 * GIB}},
+        {"Alive": True, "Resources": {"CPU": 8, "GPU": 2, "gpu_memory_mb": 2 * 24576,
+                                      "memory": 32 * GIB}},
+        {"Alive": False, "Resources": {"CPU": 8, "GPU": 1, "gpu_memory_mb": 81920}},
+    ]
+    budget = budget_from_nodes(nodes)
+    assert budget.kind == "gpu" and budget.bytes_per_worker == 24576 * MIB
+    assert budget_from_nodes(nodes[:1]).bytes_per_worker == 8 * GIB
+    assert budget_from_nodes(nodes, worker_memory_gb=1.5).bytes_per_worker == int(1.5 * GIB)
+
+
+def test_search_refuses_what_fits_no_worker_and_tracks_the_rest(
+    tmp_path: Path, tracking: MlflowClient, ray_session: None
+) -> None:
+    data = write_fer_csv(tmp_path / "fer.csv")
+    settings = SearchSettings(data=str(data), families="cnn,dnn", num_samples=4, max_epochs=2,
+                              time_budget_min=10, storage=str(tmp_path / "tune"),
+                              name="t-search", grace_epochs=1, cpus_per_trial=1)
+    # Size the worker just under what cnn-002 (kernel-5 CNN, batch 128) needs at its smallest
+    # micro-batch: it must be refused, SEED2017 (batch 64) downsized, the DNNs fit as they are.
+    probe = plan_trials(settings, WorkerBudget("cpu", 1, "probe"))
+    smallest = {e["plan"]["name"]: e["placement"]["min_estimated_mb"] for e in probe}
+    budget_mb = smallest["cnn-002"] - 0.5
+    settings.worker_memory_gb = budget_mb / 1024
+    entries = plan_trials(settings, WorkerBudget("cpu", int(budget_mb * MIB), "test"))
+    status = {e["plan"]["name"]: e["placement"]["status"] for e in entries}
+    assert status == {"seed2017": "downsized", "dnn-matched": "fits",
+                      "cnn-002": "does_not_fit", "dnn-003": "fits"}, (status, smallest)
+    largest = "cnn-002"
+
+    result = run_search(settings)
+
+    assert largest in result.refused
+    parent = tracking.get_run(result.parent_run_id)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags[layout.TAG_ROLE] == "search"
+    children = tracking.search_runs(
+        [parent.info.experiment_id],
+        filter_string=f"tags.`mlflow.parentRunId` = '{result.parent_run_id}'")
+    assert len(children) == 4
+    assert all(run.info.status in {"FINISHED", "FAILED"} for run in children)
+    by_name = {run.info.run_name: run for run in children}
+    refused_run = by_name[largest]
+    assert refused_run.data.tags[layout.TAG_STATUS] == "does_not_fit"
+    assert "fer.refusal" in refused_run.data.tags
+    trained = [run for run in children if run.info.run_name != largest]
+    seed2017 = by_name["seed2017"]
+    assert int(seed2017.data.params["micro_batch_size"]) < int(seed2017.data.params["batch_size"])
+    for run in trained:
+        assert run.info.status == "FINISHED", run.data.tags.get("fer.error")
+        assert run.data.tags[layout.TAG_STATUS] in {"finished", "early_stopped"}
+        for key in ("family", "param_count", "estimated_memory_mb"):
+            assert key in run.data.params
+        steps = [m.step for m in tracking.get_metric_history(run.info.run_id, "val_accuracy")]
+        assert steps == sorted(set(steps)) and steps[0] == 1
+        for key in ("loss", "accuracy", "val_loss", "epoch_seconds", "images_per_second"):
+            assert len(tracking.get_metric_history(run.info.run_id, key)) == len(steps)
+        files = {f.path for f in tracking.list_artifacts(run.info.run_id, layout.MODEL_DIR)}
+        assert {"model/model.keras", "model/model.sha256", "model/config.json"} <= files
+    families = {run.data.tags[layout.TAG_FAMILY] for run in trained}
+    assert families == {"cnn", "dnn"}
+    best = max(trained, key=lambda r: r.data.metrics["best_val_accuracy"])
+    assert parent.data.tags[layout.TAG_BEST_RUN] == best.info.run_id == result.best_run_id
+    assert parent.data.metrics["best_val_accuracy"] == pytest.approx(
+        best.data.metrics["best_val_accuracy"])
+    csv_text = mlflow.artifacts.load_text(f"runs:/{result.parent_run_id}/search/trials.csv")
+    assert csv_text.count("\n") == 5  # header + 4 trials
+
+    champion = mlflow.pyfunc.load_model(f"models:/{layout.REGISTERED_MODEL}@champion")
+    import numpy as np
+
+    predictions = np.asarray(champion.predict(np.zeros((3, 48, 48, 1), dtype=np.float32)))
+    assert predictions.shape == (3, 7)
+    assert np.allclose(predictions.sum(axis=1), 1.0, atol=1e-4)
+
+
+def test_place_fits_downsizes_or_refuses() -> None:
+    from model.cnn import SEED2017, build_cnn
+    from model.memory import estimate_training_memory
+
+    model = build_cnn(SEED2017)
+    full = estimate_training_memory(model, 64)
+    at_8 = estimate_training_memory(model, 8)
+    fits = place(model, 64, "adam", WorkerBudget("cpu", full + MIB, "t"), 1.0)
+    assert fits.status == "fits" and fits.micro_batch_size == 64
+    assert fits.resources == {"CPU": 1.0, "memory": float(fits.estimated_bytes)}
+    down = place(model, 64, "adam", WorkerBudget("cpu", at_8 + 1, "t"), 1.0)
+    assert down.status == "downsized" and down.micro_batch_size == 8
+    assert down.estimated_bytes <= at_8 + 1 and "accumulation" in down.reason
+    refused = place(model, 64, "adam", WorkerBudget("cpu", 10 * MIB, "t"), 1.0)
+    assert refused.status == "does_not_fit" and refused.resources == {}
+    gpu = place(model, 64, "adam", WorkerBudget("gpu", 4 * full, "t"), 2.0)
+    assert gpu.resources["GPU"] == pytest.approx(0.25, abs=0.011)
+    assert gpu.resources["gpu_memory_mb"] >= full / MIB
+    assert gpu.gpu_memory_limit_mb >= full / MIB

@@ -1,0 +1,100 @@
+"""The shared epoch loop: checkpoints, best model, resume, and the OOM fallback."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+
+from jobs.training import (
+    BEST_MODEL,
+    LAST_MODEL,
+    STATE_FILE,
+    EpochLoop,
+    InjectedOOM,
+    TrainData,
+    TrainingConfig,
+)
+
+
+def tiny_model() -> keras.Model:
+    inputs = keras.Input((48, 48, 1), name="pixels")
+    x = keras.layers.Rescaling(1 / 255, name="rescale")(inputs)
+    x = keras.layers.Conv2D(4, 3, strides=4, activation="relu", name="conv")(x)
+    x = keras.layers.Flatten(name="flatten")(x)
+    outputs = keras.layers.Dense(7, activation="softmax", name="predictions")(x)
+    return keras.Model(inputs, outputs, name="tiny")
+
+
+@pytest.fixture
+def data() -> TrainData:
+    rng = np.random.default_rng(0)
+    return TrainData(
+        x_train=rng.integers(0, 256, (64, 48, 48, 1)).astype("float32"),
+        y_train=rng.integers(0, 7, 64),
+        x_val=rng.integers(0, 256, (16, 48, 48, 1)).astype("float32"),
+        y_val=rng.integers(0, 7, 16),
+    )
+
+
+def test_config_validation() -> None:
+    with pytest.raises(ValueError, match="micro_batch_size"):
+        TrainingConfig(batch_size=64, micro_batch_size=24)
+    with pytest.raises(ValueError, match="optimizer"):
+        TrainingConfig(optimizer="lbfgs")
+    assert TrainingConfig(batch_size=64, micro_batch_size=16).accumulation_steps == 4
+
+
+def test_loop_checkpoints_every_epoch_and_keeps_the_best(tmp_path: Path, data: TrainData) -> None:
+    reported = []
+    loop = EpochLoop(tiny_model, data, TrainingConfig(batch_size=16, micro_batch_size=16,
+                                                      max_epochs=3), tmp_path)
+    state = loop.run(lambda metrics, _: reported.append(metrics))
+    assert [m["epoch"] for m in reported] == [1, 2, 3]
+    for key in ("loss", "accuracy", "val_loss", "val_accuracy", "epoch_seconds",
+                "images_per_second", "best_val_accuracy"):
+        assert all(np.isfinite(m[key]) for m in reported), key
+    assert state.best_val_accuracy == max(m["val_accuracy"] for m in reported)
+    assert (tmp_path / BEST_MODEL).exists() and (tmp_path / LAST_MODEL).exists()
+    saved = json.loads((tmp_path / STATE_FILE).read_text())
+    assert saved["epoch"] == 3 and len(saved["history"]) == 3
+    best = keras.saving.load_model(tmp_path / BEST_MODEL, safe_mode=True)
+    assert best.predict(data.x_val, verbose=0).shape == (16, 7)
+
+
+def test_resume_continues_from_the_checkpoint(tmp_path: Path, data: TrainData) -> None:
+    first = EpochLoop(tiny_model, data, TrainingConfig(batch_size=16, micro_batch_size=16,
+                                                       max_epochs=2), tmp_path / "a")
+    first.run(lambda *_: None)
+    iterations = int(first.model.optimizer.iterations.numpy())
+    epochs_seen = []
+    resumed = EpochLoop(tiny_model, data, TrainingConfig(batch_size=16, micro_batch_size=16,
+                                                         max_epochs=4), tmp_path / "b",
+                        resume_from=tmp_path / "a")
+    assert int(resumed.model.optimizer.iterations.numpy()) == iterations
+    state = resumed.run(lambda metrics, _: epochs_seen.append(metrics["epoch"]))
+    assert epochs_seen == [3, 4] and state.epoch == 4 and len(state.history) == 4
+
+
+def test_oom_halves_the_micro_batch_and_resumes(tmp_path: Path, data: TrainData) -> None:
+    reported = []
+    loop = EpochLoop(tiny_model, data, TrainingConfig(batch_size=32, micro_batch_size=32,
+                                                      max_epochs=3), tmp_path,
+                     fault=InjectedOOM(at_epoch=2, above_micro_batch=16))
+    state = loop.run(lambda metrics, _: reported.append(metrics))
+    assert [m["epoch"] for m in reported] == [1, 2, 3]  # no epoch lost or repeated
+    assert [m["micro_batch_size"] for m in reported] == [32, 16, 16]
+    assert state.oom_retries == 1 and reported[-1]["oom_retries"] == 1
+    # The effective batch is kept: 16 x 2 accumulation steps.
+    assert loop.model.optimizer.gradient_accumulation_steps == 2
+
+
+def test_oom_gives_up_below_the_minimum(tmp_path: Path, data: TrainData) -> None:
+    loop = EpochLoop(tiny_model, data, TrainingConfig(batch_size=8, micro_batch_size=8,
+                                                      max_epochs=1), tmp_path,
+                     fault=InjectedOOM(at_epoch=1, above_micro_batch=0))
+    with pytest.raises(RuntimeError, match="cannot halve"):
+        loop.run(lambda *_: None)
