@@ -34,7 +34,7 @@ class SearchSettings:
     name: str = "fer2013-search"
     worker_memory_gb: float = 0.0  # 0: detect from the Ray cluster
     cpus_per_trial: float = 1.0
-    grace_epochs: int = 4
+    grace_epochs: int = 2
     max_failures: int = 2
     register: bool = True
 

@@ -57,17 +57,18 @@ def test_search_refuses_what_fits_no_worker_and_tracks_the_rest(
     settings = SearchSettings(data=str(data), families="cnn,dnn", num_samples=4, max_epochs=2,
                               time_budget_min=10, storage=str(tmp_path / "tune"),
                               name="t-search", grace_epochs=1, cpus_per_trial=1)
-    # Size the worker just under what cnn-002 (kernel-5 CNN, batch 128) needs at its smallest
-    # micro-batch: it must be refused, SEED2017 (batch 64) downsized, the DNNs fit as they are.
+    # Size the worker just under what cnn-003 (kernel-5 CNN, batch 128) needs at its smallest
+    # micro-batch: it must be refused, SEED2017 (batch 64) downsized, the DNN fit as it is.
     probe = plan_trials(settings, WorkerBudget("cpu", 1, "probe"))
     smallest = {e["plan"]["name"]: e["placement"]["min_estimated_mb"] for e in probe}
-    budget_mb = smallest["cnn-002"] - 0.5
+    budget_mb = smallest["cnn-003"] - 0.5
     settings.worker_memory_gb = budget_mb / 1024
     entries = plan_trials(settings, WorkerBudget("cpu", int(budget_mb * MIB), "test"))
     status = {e["plan"]["name"]: e["placement"]["status"] for e in entries}
+    assert status.pop("cnn-fast") in {"fits", "downsized"}
     assert status == {"seed2017": "downsized", "dnn-matched": "fits",
-                      "cnn-002": "does_not_fit", "dnn-003": "fits"}, (status, smallest)
-    largest = "cnn-002"
+                      "cnn-003": "does_not_fit"}, (status, smallest)
+    largest = "cnn-003"
 
     result = run_search(settings)
 
