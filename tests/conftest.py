@@ -54,3 +54,16 @@ def s3_server(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
         yield endpoint
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_data_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Parsed-data caches go to a per-session folder, never the user's ~/.cache (subprocesses
+    inherit it through the environment)."""
+    previous = os.environ.get("FER2013_CACHE_DIR")
+    os.environ["FER2013_CACHE_DIR"] = str(tmp_path_factory.mktemp("fer2013-cache"))
+    yield
+    if previous is None:
+        os.environ.pop("FER2013_CACHE_DIR", None)
+    else:
+        os.environ["FER2013_CACHE_DIR"] = previous
