@@ -1,6 +1,6 @@
 """The main job: a search, then the viz of its best run.
 
-    python -m jobs.main --data fer2013.csv.gz --num-samples 4 --max-epochs 2 --data-fraction 0.03
+python -m jobs.main --data fer2013.csv.gz --num-samples 4 --max-epochs 2 --data-fraction 0.03
 """
 
 from __future__ import annotations
@@ -25,9 +25,12 @@ def main(argv: list[str] | None = None) -> int:
         from jobs.search import run_search
 
         result = run_search(settings)
-        summary = {"parent_run_id": result.parent_run_id, "best_run_id": result.best_run_id,
-                   "best_val_accuracy": result.best_val_accuracy,
-                   "wall_seconds": round(result.wall_seconds, 1)}
+        summary = {
+            "parent_run_id": result.parent_run_id,
+            "best_run_id": result.best_run_id,
+            "best_val_accuracy": result.best_val_accuracy,
+            "wall_seconds": round(result.wall_seconds, 1),
+        }
         if result.best_run_id and not args.skip_viz:
             from viz.main import run_viz
             from viz.settings import VizSettings

@@ -1,6 +1,6 @@
 """Parse and cache FER2013 once (so later jobs start fast); optionally copy the source to S3.
 
-    python -m jobs.prepare --data fer2013.csv.gz [--upload s3://bucket/fer2013.csv.gz]
+python -m jobs.prepare --data fer2013.csv.gz [--upload s3://bucket/fer2013.csv.gz]
 """
 
 from __future__ import annotations

@@ -73,11 +73,24 @@ def prepare_arrays(data: str, fraction: float, seed: int) -> tuple[dict[str, Any
     x_train, y_train = subset.split("Training")
     x_val, y_val = subset.split("PublicTest")
     mean, variance = pixel_statistics(x_train)
-    arrays = {"x_train": x_train, "y_train": y_train, "x_val": x_val, "y_val": y_val,
-              "mean": mean, "variance": variance}
-    info = {"source": data, "sha256": dataset.sha256, "data_fraction": fraction, "seed": seed,
-            "train_usage": "Training", "val_usage": "PublicTest",
-            "train_rows": int(len(y_train)), "val_rows": int(len(y_val))}
+    arrays = {
+        "x_train": x_train,
+        "y_train": y_train,
+        "x_val": x_val,
+        "y_val": y_val,
+        "mean": mean,
+        "variance": variance,
+    }
+    info = {
+        "source": data,
+        "sha256": dataset.sha256,
+        "data_fraction": fraction,
+        "seed": seed,
+        "train_usage": "Training",
+        "val_usage": "PublicTest",
+        "train_rows": int(len(y_train)),
+        "val_rows": int(len(y_val)),
+    }
     return arrays, info
 
 
@@ -89,50 +102,90 @@ def init_ray(num_cpus: int | None = None) -> None:
     address = os.environ.get("RAY_ADDRESS")
     if address:
         # A cluster: ship the code (workers may not have this checkout).
-        runtime_env = {"working_dir": str(PROJECT_ROOT),
-                       "excludes": [".venv", ".git", "data", "tune_results", "mlruns", "*.db",
-                                    "bench/results", ".stack"]}
+        runtime_env = {
+            "working_dir": str(PROJECT_ROOT),
+            "excludes": [
+                ".venv",
+                ".git",
+                "data",
+                "tune_results",
+                "mlruns",
+                "*.db",
+                "bench/results",
+                ".stack",
+            ],
+        }
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True,
-                 runtime_env={"env_vars": {"PYTHONPATH": str(PROJECT_ROOT),
-                                           "TF_CPP_MIN_LOG_LEVEL": "2"}})
+        ray.init(
+            num_cpus=num_cpus,
+            include_dashboard=False,
+            log_to_driver=True,
+            runtime_env={
+                "env_vars": {"PYTHONPATH": str(PROJECT_ROOT), "TF_CPP_MIN_LOG_LEVEL": "2"}
+            },
+        )
 
 
-def plan_trials(settings: SearchSettings, budget: Any) -> list[dict[str, Any]]:
-    """Sample plans and decide each one's placement; returns entries {"plan", "placement"}."""
+def plan_trials(
+    settings: SearchSettings, budget: Any, plans: list[dict[str, Any]] | None = None
+) -> list[dict[str, Any]]:
+    """Sample plans (or take `plans`) and decide each one's placement.
+
+    Returns entries {"plan", "placement"}.
+    """
     import keras
+    import numpy as np
 
     from jobs.resources import place
     from jobs.space import parse_families, sample_plans
     from model.configs import build_model, config_from_dict
     from model.preprocessing import pixel_statistics
 
-    import numpy as np
-
     families = parse_families(settings.families)
-    plans = sample_plans(families, settings.num_samples, settings.max_epochs, settings.seed)
+    if plans is None:
+        plans = sample_plans(families, settings.num_samples, settings.max_epochs, settings.seed)
+    else:
+        plans = [{**plan, "training": dict(plan["training"])} for plan in plans]
     dummy_stats = pixel_statistics(np.zeros((2, 48, 48, 1), dtype=np.uint8))
     entries = []
     for plan in plans:
         model = build_model(config_from_dict(plan["model"]), stats=dummy_stats)
-        placement = place(model, plan["training"]["batch_size"], plan["training"]["optimizer"],
-                          budget, settings.cpus_per_trial)
+        placement = place(
+            model,
+            plan["training"]["batch_size"],
+            plan["training"]["optimizer"],
+            budget,
+            settings.cpus_per_trial,
+        )
         plan["training"]["micro_batch_size"] = placement.micro_batch_size
-        entries.append({"plan": plan, "placement": {
-            "status": placement.status, "estimated_mb": placement.estimated_mb,
-            "param_count": int(model.count_params()), "resources": placement.resources,
-            "gpu_memory_limit_mb": placement.gpu_memory_limit_mb, "reason": placement.reason,
-            "min_estimated_mb": placement.min_estimated_bytes / (1 << 20)}})
+        entries.append(
+            {
+                "plan": plan,
+                "placement": {
+                    "status": placement.status,
+                    "estimated_mb": placement.estimated_mb,
+                    "param_count": int(model.count_params()),
+                    "resources": placement.resources,
+                    "gpu_memory_limit_mb": placement.gpu_memory_limit_mb,
+                    "reason": placement.reason,
+                    "min_estimated_mb": placement.min_estimated_bytes / (1 << 20),
+                },
+            }
+        )
         keras.backend.clear_session()
     return entries
 
 
 def _trial_config(entry: dict[str, Any], fault_injection: dict | None) -> dict[str, Any]:
     plan, placement = entry["plan"], entry["placement"]
-    config = {"name": plan["name"], "model": plan["model"], "training": plan["training"],
-              "resources": placement["resources"],
-              "gpu_memory_limit_mb": placement["gpu_memory_limit_mb"]}
+    config = {
+        "name": plan["name"],
+        "model": plan["model"],
+        "training": plan["training"],
+        "resources": placement["resources"],
+        "gpu_memory_limit_mb": placement["gpu_memory_limit_mb"],
+    }
     faults = (fault_injection or {}).get(plan["name"])
     if faults:
         config["fault_injection"] = faults
@@ -143,24 +196,40 @@ def _find_parent(client: Any, experiment_id: str, name: str) -> Any | None:
     runs = client.search_runs(
         [experiment_id],
         filter_string=f"tags.`{layout.TAG_ROLE}` = 'search' and tags.`fer.search_name` = '{name}'",
-        order_by=["attributes.start_time DESC"], max_results=1)
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
     return runs[0] if runs else None
 
 
-def _log_refused(client: Any, experiment_id: str, parent_id: str, entry: dict[str, Any],
-                 data_info: dict[str, Any]) -> None:
+def _log_refused(
+    client: Any,
+    experiment_id: str,
+    parent_id: str,
+    entry: dict[str, Any],
+    data_info: dict[str, Any],
+) -> None:
     from mlflow.entities import Param
     from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
     from jobs.tracking import _flat_params
 
     plan, placement = entry["plan"], entry["placement"]
-    run = client.create_run(experiment_id, run_name=plan["name"], tags={
-        MLFLOW_PARENT_RUN_ID: parent_id, layout.TAG_ROLE: "trial",
-        layout.TAG_FAMILY: plan["model"]["family"], layout.TAG_STATUS: "does_not_fit",
-        "fer.plan_name": plan["name"], "fer.refusal": placement["reason"]})
-    client.log_batch(run.info.run_id,
-                     params=[Param(k, v) for k, v in _flat_params(plan, placement).items()])
+    run = client.create_run(
+        experiment_id,
+        run_name=plan["name"],
+        tags={
+            MLFLOW_PARENT_RUN_ID: parent_id,
+            layout.TAG_ROLE: "trial",
+            layout.TAG_FAMILY: plan["model"]["family"],
+            layout.TAG_STATUS: "does_not_fit",
+            "fer.plan_name": plan["name"],
+            "fer.refusal": placement["reason"],
+        },
+    )
+    client.log_batch(
+        run.info.run_id, params=[Param(k, v) for k, v in _flat_params(plan, placement).items()]
+    )
     client.set_terminated(run.info.run_id, "FINISHED")
 
 
@@ -173,42 +242,59 @@ def _trials_csv(rows: list[dict[str, Any]]) -> str:
     return buffer.getvalue()
 
 
-def run_search(settings: SearchSettings, fault_injection: dict | None = None) -> SearchResult:
+def run_search(
+    settings: SearchSettings,
+    fault_injection: dict | None = None,
+    plans: list[dict[str, Any]] | None = None,
+) -> SearchResult:
     """Run (or resume) one search; returns the parent run, the best child and its accuracy.
 
     `fault_injection` maps plan names to test hooks (see jobs/trial.py); tests only.
+    `plans` replaces the sampled plans (benchmarks compare fixed configs).
     """
     import mlflow
     import ray
     from mlflow.tracking import MlflowClient
     from ray import tune
     from ray.tune.execution.placement_groups import PlacementGroupFactory
-    from ray.tune.schedulers import ASHAScheduler
 
+    from jobs.cli import configure_s3_retries
     from jobs.resources import budget_from_nodes
     from jobs.tracking import MLflowTrialLogger, quick_failing_client_env
-    from jobs.trial import train_trial
+    from jobs.trial import plan_of, train_trial
 
     started = time.time()
     quick_failing_client_env()
+    configure_s3_retries()  # also for callers that bypass the CLI (tests, benchmarks)
     data = resolve_data(settings.data)
     storage = resolve_storage(settings.storage)
     # Data errors surface here, before any run or Ray process exists.
     arrays, data_info = prepare_arrays(data, settings.data_fraction, settings.seed)
-    log.info("data: %s (%d train / %d val rows, sha256 %s…)", data, data_info["train_rows"],
-             data_info["val_rows"], data_info["sha256"][:12])
+    log.info(
+        "data: %s (%d train / %d val rows, sha256 %s…)",
+        data,
+        data_info["train_rows"],
+        data_info["val_rows"],
+        data_info["sha256"][:12],
+    )
 
     init_ray()
     budget = budget_from_nodes(ray.nodes(), settings.worker_memory_gb)
     log.info("worker budget: %s", budget.describe())
-    entries = plan_trials(settings, budget)
+    entries = plan_trials(settings, budget, plans)
     by_name = {entry["plan"]["name"]: entry for entry in entries}
     runnable = [e for e in entries if e["placement"]["status"] != "does_not_fit"]
     refused = [e for e in entries if e["placement"]["status"] == "does_not_fit"]
     for entry in entries:
         p = entry["placement"]
-        log.info("plan %-12s %-10s %9d params  est %8.1f MiB  %s", entry["plan"]["name"],
-                 p["status"], p["param_count"], p["estimated_mb"], p["reason"])
+        log.info(
+            "plan %-12s %-10s %9d params  est %8.1f MiB  %s",
+            entry["plan"]["name"],
+            p["status"],
+            p["param_count"],
+            p["estimated_mb"],
+            p["reason"],
+        )
 
     client = MlflowClient()
     tracking_uri = mlflow.get_tracking_uri()
@@ -218,7 +304,8 @@ def run_search(settings: SearchSettings, fault_injection: dict | None = None) ->
     if settings.resume and parent is None:
         raise ValueError(
             f"resume: no earlier search named {settings.name!r} in experiment {experiment_id}; "
-            f"run once with resume=false first")
+            f"run once with resume=false first"
+        )
     if parent is not None:
         parent_id = parent.info.run_id
         tune_path = parent.data.tags["fer.tune_path"]
@@ -237,8 +324,9 @@ def run_search(settings: SearchSettings, fault_injection: dict | None = None) ->
         for entry in refused:
             _log_refused(client, experiment_id, parent_id, entry, data_info)
 
-    result = SearchResult(parent_id, None, None, tune_path,
-                          refused=[e["plan"]["name"] for e in refused])
+    result = SearchResult(
+        parent_id, None, None, tune_path, refused=[e["plan"]["name"] for e in refused]
+    )
     try:
         if not runnable:
             log.error("no trial fits any worker (%s)", budget.describe())
@@ -246,10 +334,13 @@ def run_search(settings: SearchSettings, fault_injection: dict | None = None) ->
             logger = MLflowTrialLogger(tracking_uri, experiment_id, parent_id, by_name, data_info)
             trainable = tune.with_resources(
                 tune.with_parameters(train_trial, data=arrays),
-                resources=lambda config: PlacementGroupFactory([config["trial"]["resources"]]),
+                resources=lambda config: PlacementGroupFactory([plan_of(config)["resources"]]),
             )
-            param_space = {"trial": tune.grid_search(
-                [_trial_config(e, fault_injection) for e in runnable])}
+            # Only "plan" varies, so Tune's live table and trial folders show the plan name.
+            param_space = {
+                "plan": tune.grid_search([e["plan"]["name"] for e in runnable]),
+                "plans": {e["plan"]["name"]: _trial_config(e, fault_injection) for e in runnable},
+            }
             grid = _fit(settings, trainable, param_space, tune_path, logger, parent is not None)
             _reconcile(grid, logger)
             logger.queue.drain(TRACKING_DRAIN_S)
@@ -277,8 +368,15 @@ def _experiment_id(client: Any) -> str:
     return "0"
 
 
-def _log_parent(client: Any, parent_id: str, settings: SearchSettings, budget: Any,
-                entries: list[dict[str, Any]], data_info: dict[str, Any], tune_path: str) -> None:
+def _log_parent(
+    client: Any,
+    parent_id: str,
+    settings: SearchSettings,
+    budget: Any,
+    entries: list[dict[str, Any]],
+    data_info: dict[str, Any],
+    tune_path: str,
+) -> None:
     import keras
     import mlflow
     import ray
@@ -290,48 +388,81 @@ def _log_parent(client: Any, parent_id: str, settings: SearchSettings, budget: A
     params = {f"search.{k}": str(v) for k, v in as_dict(settings).items()}
     params["data_sha256"] = data_info["sha256"]
     client.log_batch(parent_id, params=[Param(k, v) for k, v in params.items()])
-    tags = {layout.TAG_ROLE: "search", "fer.search_name": settings.name,
-            "fer.tune_path": tune_path, layout.TAG_DATA_SHA: data_info["sha256"],
-            "fer.worker_budget": budget.describe(), "version.tensorflow": tf.__version__,
-            "version.keras": keras.__version__, "version.ray": ray.__version__,
-            "version.mlflow": mlflow.__version__, "version.python": platform.python_version()}
+    tags = {
+        layout.TAG_ROLE: "search",
+        "fer.search_name": settings.name,
+        "fer.tune_path": tune_path,
+        layout.TAG_DATA_SHA: data_info["sha256"],
+        "fer.worker_budget": budget.describe(),
+        "version.tensorflow": tf.__version__,
+        "version.keras": keras.__version__,
+        "version.ray": ray.__version__,
+        "version.mlflow": mlflow.__version__,
+        "version.python": platform.python_version(),
+    }
     for key, value in tags.items():
         client.set_tag(parent_id, key, value)
     from jobs.space import AUGMENTATIONS
 
-    client.log_text(parent_id, json.dumps({"space": SPACE, "augmentations": AUGMENTATIONS,
-                                           "plans": entries}, indent=2, default=str),
-                    "search/space.json")
+    client.log_text(
+        parent_id,
+        json.dumps(
+            {"space": SPACE, "augmentations": AUGMENTATIONS, "plans": entries},
+            indent=2,
+            default=str,
+        ),
+        "search/space.json",
+    )
 
 
-def _fit(settings: SearchSettings, trainable: Any, param_space: dict[str, Any], tune_path: str,
-         logger: Any, restore: bool) -> Any:
+def _fit(
+    settings: SearchSettings,
+    trainable: Any,
+    param_space: dict[str, Any],
+    tune_path: str,
+    logger: Any,
+    restore: bool,
+) -> Any:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
     if restore:
-        tuner = tune.Tuner.restore(tune_path, trainable=trainable, resume_unfinished=True,
-                                   resume_errored=True, param_space=param_space)
+        tuner = tune.Tuner.restore(
+            tune_path,
+            trainable=trainable,
+            resume_unfinished=True,
+            resume_errored=True,
+            param_space=param_space,
+        )
         # The pickled callback is rebuilt; give it this process's view of the plans.
         tuner._local_tuner.get_run_config().callbacks = [logger]
     else:
         storage, name = tune_path.rsplit("/", 1)
-        scheduler = ASHAScheduler(metric="val_accuracy", mode="max",
-                                  time_attr="training_iteration", max_t=settings.max_epochs,
-                                  grace_period=max(1, min(settings.grace_epochs,
-                                                          settings.max_epochs)),
-                                  reduction_factor=3)
+        scheduler = ASHAScheduler(
+            metric="val_accuracy",
+            mode="max",
+            time_attr="training_iteration",
+            max_t=settings.max_epochs,
+            grace_period=max(1, min(settings.grace_epochs, settings.max_epochs)),
+            reduction_factor=3,
+        )
         tuner = tune.Tuner(
             trainable,
             param_space=param_space,
-            tune_config=tune.TuneConfig(scheduler=scheduler, num_samples=1,
-                                        time_budget_s=settings.time_budget_min * 60,
-                                        reuse_actors=False),
+            tune_config=tune.TuneConfig(
+                scheduler=scheduler,
+                num_samples=1,
+                time_budget_s=settings.time_budget_min * 60,
+                reuse_actors=False,
+            ),
             run_config=tune.RunConfig(
-                name=name, storage_path=storage, callbacks=[logger],
+                name=name,
+                storage_path=storage,
+                callbacks=[logger],
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                 failure_config=tune.FailureConfig(max_failures=settings.max_failures),
-                verbose=1),
+                verbose=1,
+            ),
         )
     return tuner.fit()
 
@@ -342,32 +473,48 @@ def _reconcile(grid: Any, logger: Any) -> None:
         trial_id = (result.metrics or {}).get("trial_id")
         if not trial_id or trial_id in logger.completed:
             continue
-        logger.finish_trial(trial_id, result.config, result.checkpoint, result.metrics,
-                            error=str(result.error) if result.error else None)
+        logger.finish_trial(
+            trial_id,
+            result.config,
+            result.checkpoint,
+            result.metrics,
+            error=str(result.error) if result.error else None,
+        )
 
 
-def _finalise(client: Any, parent_id: str, settings: SearchSettings,
-              result: SearchResult) -> None:
+def _finalise(client: Any, parent_id: str, settings: SearchSettings, result: SearchResult) -> None:
     from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
     experiment_id = client.get_run(parent_id).info.experiment_id
     children = client.search_runs(
-        [experiment_id], filter_string=f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent_id}'",
-        max_results=5000)
+        [experiment_id],
+        filter_string=f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent_id}'",
+        max_results=5000,
+    )
     rows = []
     for run in children:
-        rows.append({"run_id": run.info.run_id, "name": run.info.run_name,
-                     "status": run.info.status,
-                     "trial_status": run.data.tags.get(layout.TAG_STATUS, ""),
-                     "family": run.data.tags.get(layout.TAG_FAMILY, ""),
-                     "param_count": run.data.params.get("param_count", ""),
-                     "estimated_memory_mb": run.data.params.get("estimated_memory_mb", ""),
-                     "best_val_accuracy": run.data.metrics.get("best_val_accuracy", ""),
-                     "epochs_done": run.data.tags.get("fer.epochs_done", "")})
+        rows.append(
+            {
+                "run_id": run.info.run_id,
+                "name": run.info.run_name,
+                "status": run.info.status,
+                "trial_status": run.data.tags.get(layout.TAG_STATUS, ""),
+                "family": run.data.tags.get(layout.TAG_FAMILY, ""),
+                "param_count": run.data.params.get("param_count", ""),
+                "estimated_memory_mb": run.data.params.get("estimated_memory_mb", ""),
+                "best_val_accuracy": run.data.metrics.get("best_val_accuracy", ""),
+                "epochs_done": run.data.tags.get("fer.epochs_done", ""),
+            }
+        )
     result.trials = rows
     client.log_text(parent_id, _trials_csv(rows) if rows else "", "search/trials.csv")
-    scored = [r for r in children if r.info.status == "FINISHED"
-              and "best_val_accuracy" in r.data.metrics and "fer.model_uri" in r.data.tags]
+    scored = [
+        r
+        for r in children
+        if r.info.status == "FINISHED"
+        and "best_val_accuracy" in r.data.metrics
+        and "fer.model_uri" in r.data.tags
+    ]
     if not scored:
         log.error("no trial finished with a model; nothing to tag or register")
         return
@@ -381,8 +528,9 @@ def _finalise(client: Any, parent_id: str, settings: SearchSettings,
         of_family = [r for r in scored if r.data.tags.get(layout.TAG_FAMILY) == family]
         if of_family:
             top = max(of_family, key=lambda r: r.data.metrics["best_val_accuracy"])
-            client.log_metric(parent_id, f"best_{family}_val_accuracy",
-                              top.data.metrics["best_val_accuracy"])
+            client.log_metric(
+                parent_id, f"best_{family}_val_accuracy", top.data.metrics["best_val_accuracy"]
+            )
             client.set_tag(parent_id, f"best_{family}_run_id", top.info.run_id)
     if settings.register:
         register_champion(client, best.data.tags["fer.model_uri"], best.info.run_id)
@@ -392,12 +540,16 @@ def register_champion(client: Any, model_uri: str, run_id: str) -> str:
     """Register the model as `fer2013-expression` and point the `champion` alias at it."""
     import mlflow
 
-    version = mlflow.register_model(model_uri, layout.REGISTERED_MODEL,
-                                    tags={"run_id": run_id})
-    client.set_registered_model_alias(layout.REGISTERED_MODEL, layout.CHAMPION_ALIAS,
-                                      version.version)
-    log.info("registered %s version %s as @%s", layout.REGISTERED_MODEL, version.version,
-             layout.CHAMPION_ALIAS)
+    version = mlflow.register_model(model_uri, layout.REGISTERED_MODEL, tags={"run_id": run_id})
+    client.set_registered_model_alias(
+        layout.REGISTERED_MODEL, layout.CHAMPION_ALIAS, version.version
+    )
+    log.info(
+        "registered %s version %s as @%s",
+        layout.REGISTERED_MODEL,
+        version.version,
+        layout.CHAMPION_ALIAS,
+    )
     return str(version.version)
 
 
@@ -415,11 +567,19 @@ def main(argv: list[str] | None = None) -> int:
 
     def work() -> int:
         result = run_search(settings)
-        print(json.dumps({"parent_run_id": result.parent_run_id,
-                          "best_run_id": result.best_run_id,
-                          "best_val_accuracy": result.best_val_accuracy,
-                          "refused": result.refused, "tune_path": result.tune_path,
-                          "wall_seconds": round(result.wall_seconds, 1)}, indent=2))
+        print(
+            json.dumps(
+                {
+                    "parent_run_id": result.parent_run_id,
+                    "best_run_id": result.best_run_id,
+                    "best_val_accuracy": result.best_val_accuracy,
+                    "refused": result.refused,
+                    "tune_path": result.tune_path,
+                    "wall_seconds": round(result.wall_seconds, 1),
+                },
+                indent=2,
+            )
+        )
         return 0 if result.best_run_id else 1
 
     return run_cli(work)

@@ -139,8 +139,9 @@ def fixed_points(families: tuple[str, ...], max_epochs: int, seed: int) -> list[
     if "cnn" in families:
         # A CPU-efficient CNN (one conv per block, batch norm): about 5x the throughput of
         # SEED2017 on a laptop core, so a time-boxed CPU search has a strong candidate early.
-        points.append({"name": "cnn-fast", "model": config_to_dict(FAST_CNN),
-                       "training": dict(training)})
+        points.append(
+            {"name": "cnn-fast", "model": config_to_dict(FAST_CNN), "training": dict(training)}
+        )
     return points
 
 

@@ -26,8 +26,14 @@ from jobs import artifacts as layout
 
 log = logging.getLogger(__name__)
 
-EPOCH_METRICS = ("loss", "accuracy", "val_loss", "val_accuracy", "epoch_seconds",
-                 "images_per_second")
+EPOCH_METRICS = (
+    "loss",
+    "accuracy",
+    "val_loss",
+    "val_accuracy",
+    "epoch_seconds",
+    "images_per_second",
+)
 # Errors that will not go away by retrying (bad value, duplicate): drop the op, don't block.
 _PERMANENT = {"INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST"}
 
@@ -79,8 +85,12 @@ class TrackingQueue:
     def _remember(self, what: str, error: Exception) -> None:
         message = f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"
         if message != self.last_error:
-            log.warning("tracking store unreachable while sending %s (%s); %d write(s) queued",
-                        what, message, len(self.pending))
+            log.warning(
+                "tracking store unreachable while sending %s (%s); %d write(s) queued",
+                what,
+                message,
+                len(self.pending),
+            )
         self.last_error = message
 
     def drain(self, timeout_s: float) -> None:
@@ -116,8 +126,12 @@ def _flat_params(plan: dict[str, Any], placement: dict[str, Any]) -> dict[str, s
     return params
 
 
-def run_config_json(plan: dict[str, Any], placement: dict[str, Any], data_info: dict[str, Any],
-                    training: dict[str, Any] | None = None) -> dict[str, Any]:
+def run_config_json(
+    plan: dict[str, Any],
+    placement: dict[str, Any],
+    data_info: dict[str, Any],
+    training: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """The resolved config saved next to the model (docs/ARCHITECTURE.md)."""
     return {
         "family": plan["model"]["family"],
@@ -160,8 +174,14 @@ def log_keras_model(run_id: str, model_file: Path) -> str:
 class MLflowTrialLogger(tune.Callback):
     """Tune callback: child runs per trial, per-epoch metrics, the model when a trial ends."""
 
-    def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str,
-                 plans: dict[str, dict[str, Any]], data_info: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        tracking_uri: str,
+        experiment_id: str,
+        parent_run_id: str,
+        plans: dict[str, dict[str, Any]],
+        data_info: dict[str, Any],
+    ) -> None:
         self.tracking_uri = tracking_uri
         self.experiment_id = experiment_id
         self.parent_run_id = parent_run_id
@@ -212,7 +232,7 @@ class MLflowTrialLogger(tune.Callback):
         trial_id = trial.trial_id
         if trial_id in self.run_ids:
             return
-        plan_name = trial.config["trial"]["name"]
+        plan_name = trial.config["plan"]
         entry = self.plans[plan_name]
         tags = {
             MLFLOW_PARENT_RUN_ID: self.parent_run_id,
@@ -227,17 +247,16 @@ class MLflowTrialLogger(tune.Callback):
         def create() -> None:
             run = self.client.create_run(self.experiment_id, run_name=plan_name, tags=tags)
             self.run_ids[trial_id] = run.info.run_id
-            self.client.log_batch(
-                run.info.run_id, params=[Param(k, v) for k, v in params.items()]
-            )
+            self.client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in params.items()])
 
         self.queue.submit(f"child run for trial {trial_id}", create)
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._ensure_run(trial)
 
-    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict,
-                        **info: Any) -> None:
+    def on_trial_result(
+        self, iteration: int, trials: list, trial: Any, result: dict, **info: Any
+    ) -> None:
         self._ensure_run(trial)
         trial_id = trial.trial_id
         epoch = int(result.get("epoch", result.get("training_iteration", 0)))
@@ -245,36 +264,53 @@ class MLflowTrialLogger(tune.Callback):
             return  # replayed after a restore: already in MLflow
         self.logged_epochs[trial_id].add(epoch)
         now = int(time.time() * 1000)
-        metrics = [Metric(key, float(result[key]), now, epoch) for key in EPOCH_METRICS
-                   if key in result]
+        metrics = [
+            Metric(key, float(result[key]), now, epoch) for key in EPOCH_METRICS if key in result
+        ]
         metrics.append(Metric("best_val_accuracy", float(result["best_val_accuracy"]), now, epoch))
-        extra = {"micro_batch_size": str(result.get("micro_batch_size", "")),
-                 "oom_retries": str(result.get("oom_retries", 0))}
+        extra = {
+            "micro_batch_size": str(result.get("micro_batch_size", "")),
+            "oom_retries": str(result.get("oom_retries", 0)),
+        }
         self.queue.submit(
             f"epoch {epoch} metrics of trial {trial_id}",
             lambda: self.client.log_batch(
-                self.run_ids[trial_id], metrics=metrics,
+                self.run_ids[trial_id],
+                metrics=metrics,
                 tags=[RunTag(f"fer.{k}", v) for k, v in extra.items()],
             ),
         )
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self.finish_trial(trial.trial_id, trial.config, trial.checkpoint, trial.last_result,
-                          error=None)
+        self.finish_trial(
+            trial.trial_id, trial.config, trial.checkpoint, trial.last_result, error=None
+        )
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         error = trial.get_error() if hasattr(trial, "get_error") else None
-        self.finish_trial(trial.trial_id, trial.config, trial.checkpoint, trial.last_result,
-                          error=str(error or "trial failed (no error text)"))
+        self.finish_trial(
+            trial.trial_id,
+            trial.config,
+            trial.checkpoint,
+            trial.last_result,
+            error=str(error or "trial failed (no error text)"),
+        )
 
     # ------------------------------------------------------------------ completion
-    def finish_trial(self, trial_id: str, config: dict, checkpoint: Any, last_result: dict,
-                     error: str | None, killed: bool = False) -> None:
+    def finish_trial(
+        self,
+        trial_id: str,
+        config: dict,
+        checkpoint: Any,
+        last_result: dict,
+        error: str | None,
+        killed: bool = False,
+    ) -> None:
         """Log the model (if any) and close the child run: FINISHED, FAILED or KILLED."""
         if trial_id in self.completed:
             return
         self.completed.add(trial_id)
-        plan = config["trial"]
+        plan = config["plans"][config["plan"]]
         entry = self.plans[plan["name"]]
         max_epochs = int(plan["training"]["max_epochs"])
         epochs_done = int((last_result or {}).get("epoch", 0))
@@ -293,8 +329,9 @@ class MLflowTrialLogger(tune.Callback):
             checkpoint.to_directory(str(staged))
         training = dict(plan["training"])
         if last_result:
-            training["micro_batch_size"] = int(last_result.get("micro_batch_size",
-                                                               training["micro_batch_size"]))
+            training["micro_batch_size"] = int(
+                last_result.get("micro_batch_size", training["micro_batch_size"])
+            )
         run_config = run_config_json(entry["plan"], entry["placement"], self.data_info, training)
 
         def finish() -> None:

@@ -1,7 +1,7 @@
 """One training run of one config, tracked as one MLflow run (no Ray).
 
-    python -m jobs.train --family cnn --preset seed2017 --epochs 10 --data fer2013.csv.gz
-    python -m jobs.train --family dnn --preset "" --config '{"hidden_units": [512, 256]}'
+python -m jobs.train --family cnn --preset seed2017 --epochs 10 --data fer2013.csv.gz
+python -m jobs.train --family dnn --preset "" --config '{"hidden_units": [512, 256]}'
 """
 
 from __future__ import annotations
@@ -24,8 +24,9 @@ def preset_configs() -> dict[str, Any]:
 
     return {
         "seed2017": SEED2017,
-        "dnn-matched": param_matched_dnn(SEED2017_PARAMS, depth=3, dropout=0.3,
-                                         normalization="standardize"),
+        "dnn-matched": param_matched_dnn(
+            SEED2017_PARAMS, depth=3, dropout=0.3, normalization="standardize"
+        ),
         "cnn-default": CNNConfig(),
         "dnn-default": DNNConfig(),
     }
@@ -45,7 +46,9 @@ def resolve_model_config(family: str, preset: str, overrides: str) -> Any:
         try:
             extra = json.loads(overrides)
         except json.JSONDecodeError as error:
-            raise ValueError(f"config: expected a JSON object, got {overrides!r} ({error})") from error
+            raise ValueError(
+                f"config: expected a JSON object, got {overrides!r} ({error})"
+            ) from error
         if not isinstance(extra, dict):
             raise ValueError(f"config: expected a JSON object, got {type(extra).__name__}")
         base.update(extra)
@@ -68,29 +71,45 @@ def train(settings: TrainSettings) -> dict[str, Any]:
 
     data = resolve_data(settings.data)
     model_config = resolve_model_config(settings.family, settings.preset, settings.config)
-    training = TrainingConfig(batch_size=settings.batch_size,
-                              micro_batch_size=settings.batch_size,
-                              learning_rate=settings.learning_rate, optimizer=settings.optimizer,
-                              max_epochs=settings.epochs, seed=settings.seed)
+    training = TrainingConfig(
+        batch_size=settings.batch_size,
+        micro_batch_size=settings.batch_size,
+        learning_rate=settings.learning_rate,
+        optimizer=settings.optimizer,
+        max_epochs=settings.epochs,
+        seed=settings.seed,
+    )
     arrays, data_info = prepare_arrays(data, settings.data_fraction, settings.seed)
     keras.utils.set_random_seed(settings.seed)
     stats = (arrays["mean"], arrays["variance"])
     model = build_model(model_config, stats=stats)
     estimate = estimate_training_memory(model, settings.batch_size, optimizer=settings.optimizer)
-    train_data = TrainData(arrays["x_train"].astype("float32"), arrays["y_train"],
-                           arrays["x_val"].astype("float32"), arrays["y_val"])
+    train_data = TrainData(
+        arrays["x_train"].astype("float32"),
+        arrays["y_train"],
+        arrays["x_val"].astype("float32"),
+        arrays["y_val"],
+    )
 
     client = MlflowClient()
     # Inside `mlflow run` this resumes the run it opened (MLFLOW_RUN_ID); else starts one.
     with mlflow.start_run() as run:
         run_id = run.info.run_id
-        mlflow.set_tags({layout.TAG_ROLE: "train", layout.TAG_FAMILY: settings.family,
-                         layout.TAG_DATA_SHA: data_info["sha256"]})
-        params = {"family": settings.family, "preset": settings.preset,
-                  "param_count": model.count_params(),
-                  "estimated_memory_mb": round(estimate / MIB, 1),
-                  "data_fraction": settings.data_fraction, **{
-                      k: v for k, v in vars(training).items()}}
+        mlflow.set_tags(
+            {
+                layout.TAG_ROLE: "train",
+                layout.TAG_FAMILY: settings.family,
+                layout.TAG_DATA_SHA: data_info["sha256"],
+            }
+        )
+        params = {
+            "family": settings.family,
+            "preset": settings.preset,
+            "param_count": model.count_params(),
+            "estimated_memory_mb": round(estimate / MIB, 1),
+            "data_fraction": settings.data_fraction,
+            **{k: v for k, v in vars(training).items()},
+        }
         for key, value in config_to_dict(model_config).items():
             if key != "family":
                 params[f"model.{key}"] = (
@@ -100,21 +119,39 @@ def train(settings: TrainSettings) -> dict[str, Any]:
 
         def on_epoch_end(metrics: dict[str, Any], _: Path) -> None:
             epoch = int(metrics["epoch"])
-            mlflow.log_metrics({k: float(v) for k, v in metrics.items()
-                                if k not in {"epoch", "micro_batch_size", "oom_retries"}},
-                               step=epoch)
-            print(f"epoch {epoch}/{training.max_epochs}: "
-                  f"val_accuracy {metrics['val_accuracy']:.4f} "
-                  f"({metrics['epoch_seconds']:.1f} s)", flush=True)
+            mlflow.log_metrics(
+                {
+                    k: float(v)
+                    for k, v in metrics.items()
+                    if k not in {"epoch", "micro_batch_size", "oom_retries"}
+                },
+                step=epoch,
+            )
+            print(
+                f"epoch {epoch}/{training.max_epochs}: "
+                f"val_accuracy {metrics['val_accuracy']:.4f} "
+                f"({metrics['epoch_seconds']:.1f} s)",
+                flush=True,
+            )
 
         with tempfile.TemporaryDirectory() as workdir:
             loop = EpochLoop(lambda: model, train_data, training, Path(workdir))
             state = loop.run(on_epoch_end)
             run_config = {
-                "family": settings.family, "model": config_to_dict(model_config),
+                "family": settings.family,
+                "model": config_to_dict(model_config),
                 "training": {**vars(training), "micro_batch_size": state.micro_batch_size},
-                "data": {k: data_info[k] for k in ("source", "sha256", "data_fraction", "seed",
-                                                   "train_usage", "val_usage")},
+                "data": {
+                    k: data_info[k]
+                    for k in (
+                        "source",
+                        "sha256",
+                        "data_fraction",
+                        "seed",
+                        "train_usage",
+                        "val_usage",
+                    )
+                },
                 "param_count": int(model.count_params()),
             }
             best = Path(workdir) / "best.keras"
@@ -122,8 +159,13 @@ def train(settings: TrainSettings) -> dict[str, Any]:
             model_uri = log_keras_model(run_id, best)
         mlflow.set_tags({layout.TAG_STATUS: "finished", "fer.model_uri": model_uri})
         mlflow.log_metric("best_val_accuracy", state.best_val_accuracy)
-    return {"run_id": run_id, "best_val_accuracy": state.best_val_accuracy,
-            "best_epoch": state.best_epoch, "model_sha256": digest, "epochs": state.epoch}
+    return {
+        "run_id": run_id,
+        "best_val_accuracy": state.best_val_accuracy,
+        "best_epoch": state.best_epoch,
+        "model_sha256": digest,
+        "epochs": state.epoch,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -42,11 +42,16 @@ def _training_config(config: dict[str, Any]) -> TrainingConfig:
     return TrainingConfig(**config["training"])
 
 
+def plan_of(config: dict[str, Any]) -> dict[str, Any]:
+    """The planned trial a Tune config stands for (`config["plan"]` names it)."""
+    return config["plans"][config["plan"]]
+
+
 def train_trial(config: dict[str, Any], data: dict[str, Any] | None = None) -> None:
-    """Tune trainable. `config["trial"]` is one planned trial (see jobs/space.py)."""
+    """Tune trainable: trains the planned trial `plan_of(config)` (see jobs/space.py)."""
     from ray import tune
 
-    trial = config["trial"]
+    trial = plan_of(config)
     resources = trial["resources"]
     configure_tensorflow(resources.get("CPU", 1.0), trial.get("gpu_memory_limit_mb", 0.0))
 
@@ -98,7 +103,12 @@ def train_trial(config: dict[str, Any], data: dict[str, Any] | None = None) -> N
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(directory)))
         # Test hook for reliability tests: die hard once, right after epoch k is checkpointed.
         marker = fault_spec.get("kill_marker")
-        if kill_spec and metrics["epoch"] == int(kill_spec) and marker and not Path(marker).exists():
+        if (
+            kill_spec
+            and metrics["epoch"] == int(kill_spec)
+            and marker
+            and not Path(marker).exists()
+        ):
             Path(marker).write_text(str(os.getpid()))
             os._exit(137)
 

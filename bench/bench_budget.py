@@ -1,0 +1,146 @@
+"""The 60-minute budget search on the full data, as a user runs it (`mlflow run . -e search`).
+
+    python -m bench.bench_budget --data $FER2013_PATH --json bench/results/budget_search.json
+    python -m bench.bench_budget --summarise sqlite:////tmp/budget/mlflow.db --experiment budget
+
+Slow (an hour): run once per change of the search; `make bench` reuses the stored result.
+The summary says what the search reached and what limited it: epochs done per trial,
+throughput, ASHA decisions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def summarise(tracking_uri: str, experiment: str) -> dict[str, Any]:
+    """Read the latest search parent run of `experiment` and its children."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        raise ValueError(f"no experiment {experiment!r} in {tracking_uri}")
+    parents = client.search_runs(
+        [found.experiment_id],
+        "tags.`fer.role` = 'search'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    if not parents:
+        raise ValueError(f"no search parent run in experiment {experiment!r}")
+    parent = parents[0]
+    children = client.search_runs(
+        [found.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
+    )
+    trials = []
+    for run in children:
+        speed = [m.value for m in client.get_metric_history(run.info.run_id, "images_per_second")]
+        trials.append(
+            {
+                "name": run.info.run_name,
+                "family": run.data.tags.get("fer.family"),
+                "status": run.data.tags.get("fer.trial_status", run.info.status),
+                "param_count": int(run.data.params.get("param_count", 0) or 0),
+                "epochs_done": int(run.data.tags.get("fer.epochs_done", 0) or 0),
+                "best_val_accuracy": run.data.metrics.get("best_val_accuracy"),
+                "images_per_second_median": statistics.median(speed) if speed else None,
+            }
+        )
+    dnn = [
+        t["best_val_accuracy"]
+        for t in trials
+        if t["family"] == "dnn" and t["best_val_accuracy"] is not None
+    ]
+    end = parent.info.end_time or int(time.time() * 1000)
+    return {
+        "budget_search_best_val_accuracy": parent.data.metrics.get("best_val_accuracy"),
+        "dnn_best_val_accuracy": max(dnn) if dnn else None,
+        "budget_minutes": float(parent.data.params.get("search.time_budget_min", "nan")),
+        "budget_wall_minutes": (end - parent.info.start_time) / 60000,
+        "budget_run_date": time.strftime(
+            "%Y-%m-%d %H:%M UTC", time.gmtime(parent.info.start_time / 1000)
+        ),
+        "budget_trials": sorted(trials, key=lambda t: -(t["best_val_accuracy"] or 0)),
+        "budget_asha_early_stopped": sum(t["status"] == "early_stopped" for t in trials),
+    }
+
+
+def run(data: str, budget_min: float = 60.0) -> dict[str, Any]:
+    workdir = Path(tempfile.mkdtemp(prefix="fer-budget-"))
+    uri = f"sqlite:///{workdir}/mlflow.db"
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": uri,
+        "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}",
+    }
+    subprocess.run(
+        [
+            "mlflow",
+            "run",
+            ".",
+            "--env-manager",
+            "local",
+            "-e",
+            "search",
+            "--experiment-name",
+            "budget",
+            "-P",
+            f"data={data}",
+            "-P",
+            f"time_budget_min={budget_min}",
+            "-P",
+            f"storage={workdir}/tune",
+        ],
+        cwd=ROOT,
+        env=env,
+        check=True,
+    )
+    result = summarise(uri, "budget")
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+    ).stdout.strip()
+    result["budget_commit"] = commit
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default=os.environ.get("FER2013_PATH", ""))
+    parser.add_argument("--budget-min", type=float, default=60.0)
+    parser.add_argument(
+        "--summarise",
+        metavar="TRACKING_URI",
+        help="summarise an existing budget search instead of running one",
+    )
+    parser.add_argument("--experiment", default="budget")
+    parser.add_argument("--commit", default="", help="commit the summarised run was made at")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+    if args.summarise:
+        result = summarise(args.summarise, args.experiment)
+        result["budget_commit"] = args.commit
+    else:
+        if not args.data:
+            parser.error("--data or FER2013_PATH is required")
+        result = run(args.data, args.budget_min)
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.json:
+        args.json.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,207 @@
+"""The search machinery's cost: trial overhead vs plain `model.fit`, and concurrency speed-up.
+
+    python -m bench.bench_search --data $FER2013_PATH --json out.json
+
+- `trial_overhead_ratio`: the same model, data and epochs, run (a) as one trial of our search
+  (Ray actor, object-store data, a checkpoint per epoch, MLflow metrics, model logging) timed
+  from the child run's start to its end, and (b) as a plain script (`bench/plain_fit.py`):
+  interpreter and TensorFlow start, model build, `model.fit`, timed without its data load.
+  Both use the same two threads.
+- `concurrency_speedup`: four identical small trials with the machine's cores shared by
+  concurrent trials (1 CPU each) vs one trial at a time (all cores each); trials/hour ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def bench_model() -> dict[str, Any]:
+    """A small CNN (no augmentation, so both paths do identical work per epoch)."""
+    from model.cnn import CNNConfig
+    from model.configs import config_to_dict
+
+    return config_to_dict(
+        CNNConfig(
+            filters=(32, 64, 128),
+            convs_per_block=1,
+            batch_norm=True,
+            dropout=0.25,
+            dense_units=(128,),
+            normalization="standardize",
+        )
+    )
+
+
+def _plan(name: str, epochs: int) -> dict[str, Any]:
+    return {
+        "name": name,
+        "model": bench_model(),
+        "training": {
+            "batch_size": 64,
+            "micro_batch_size": 64,
+            "learning_rate": 0.001,
+            "optimizer": "adam",
+            "max_epochs": epochs,
+            "seed": 2017,
+        },
+    }
+
+
+def _summary(values: list[float]) -> dict[str, float]:
+    return {
+        "median": statistics.median(values),
+        "min": min(values),
+        "max": max(values),
+        "n": len(values),
+    }
+
+
+def _search(
+    data: str,
+    fraction: float,
+    epochs: int,
+    plans: list[dict[str, Any]],
+    cpus_per_trial: float,
+    workdir: Path,
+    name: str,
+) -> tuple[Any, Any]:
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from jobs.search import run_search
+    from jobs.settings import SearchSettings
+
+    uri = f"sqlite:///{workdir}/mlflow.db"
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    os.environ["MLFLOW_EXPERIMENT_NAME"] = name
+    os.environ.pop("MLFLOW_RUN_ID", None)
+    mlflow.set_tracking_uri(uri)
+    settings = SearchSettings(
+        data=data,
+        families="cnn",
+        num_samples=len(plans),
+        max_epochs=epochs,
+        grace_epochs=epochs,
+        time_budget_min=120,
+        data_fraction=fraction,
+        storage=str(workdir / "tune"),
+        name=name,
+        cpus_per_trial=cpus_per_trial,
+        register=False,
+    )
+    result = run_search(settings, plans=plans)
+    return result, MlflowClient(uri)
+
+
+def trial_overhead(data: str, fraction: float, epochs: int, repeats: int) -> dict[str, Any]:
+    ratios, ours, plain = [], [], []
+    for repeat in range(repeats):
+        with tempfile.TemporaryDirectory() as tmp:
+            result, client = _search(
+                data,
+                fraction,
+                epochs,
+                [_plan("overhead", epochs)],
+                2.0,
+                Path(tmp),
+                f"overhead-{repeat}",
+            )
+            child = client.get_run(result.best_run_id)
+            trial_s = (child.info.end_time - child.info.start_time) / 1000
+        out = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "bench.plain_fit",
+                "--data",
+                data,
+                "--fraction",
+                str(fraction),
+                "--epochs",
+                str(epochs),
+                "--threads",
+                "2",
+                "--model",
+                json.dumps(bench_model()),
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
+        plain_s = json.loads(out.stdout.strip().splitlines()[-1])["seconds_without_data_load"]
+        ours.append(trial_s)
+        plain.append(plain_s)
+        ratios.append(trial_s / plain_s)
+    return {
+        "trial_overhead_ratio": _summary(ratios),
+        "trial_seconds": _summary(ours),
+        "plain_fit_seconds": _summary(plain),
+        "epochs": epochs,
+        "data_fraction": fraction,
+    }
+
+
+def concurrency(data: str, fraction: float, epochs: int, trials: int) -> dict[str, Any]:
+    cores = os.cpu_count() or 1
+    walls = {}
+    for label, cpus in (("shared", 1.0), ("serial", float(cores))):
+        plans = [_plan(f"c{i}", epochs) for i in range(trials)]
+        with tempfile.TemporaryDirectory() as tmp:
+            started = time.perf_counter()
+            _search(data, fraction, epochs, plans, cpus, Path(tmp), f"concurrency-{label}")
+            walls[label] = time.perf_counter() - started
+    per_hour = {label: trials / wall * 3600 for label, wall in walls.items()}
+    return {
+        "concurrency_speedup": per_hour["shared"] / per_hour["serial"],
+        "trials_per_hour_shared": per_hour["shared"],
+        "trials_per_hour_serial": per_hour["serial"],
+        "concurrency_trials": trials,
+        "concurrency_cores": cores,
+    }
+
+
+def run(
+    data: str, fraction: float = 0.1, epochs: int = 3, repeats: int = 1, concurrency_trials: int = 4
+) -> dict[str, Any]:
+    from jobs.search import init_ray
+
+    init_ray()
+    results = trial_overhead(data, fraction, epochs, repeats)
+    results.update(concurrency(data, fraction / 2, 2, concurrency_trials))
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default=os.environ.get("FER2013_PATH", ""))
+    parser.add_argument("--fraction", type=float, default=0.1)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+    if not args.data:
+        parser.error("--data or FER2013_PATH is required")
+    results = run(args.data, args.fraction, args.epochs, args.repeats)
+    text = json.dumps(results, indent=2)
+    print(text)
+    if args.json:
+        args.json.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

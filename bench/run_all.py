@@ -1,0 +1,159 @@
+"""Every benchmark side by side in one run: `make bench` (see BENCHMARKS.md).
+
+Writes `bench/results/latest.json` and the table in `BENCHMARKS.md`. The hour-long budget
+search is not re-run unless `--with-budget` is given; its last stored result
+(`bench/results/budget_search.json`, with date and commit) is merged in.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+
+GOALS: dict[str, tuple[str, float, str]] = {
+    # key: (comparison, goal, what)
+    "trial_overhead_ratio": ("<=", 1.03, "Tune trial + MLflow ÷ plain model.fit, same epochs"),
+    "concurrency_speedup": (">=", 1.0, "trials/hour, cores shared ÷ one trial at a time"),
+    "kerastuner_time_to_target_ratio": ("<=", 0.5, "time to target: ours ÷ KerasTuner"),
+    "load_cold_s": ("<=", 3.0, "load_fer2013, full file, cold"),
+    "load_warm_s": ("<=", 0.3, "load_fer2013, full file, cached"),
+    "memory_estimate_median_abs_err": ("<=", 0.15, "estimator vs measured peak"),
+    "viz_seconds": ("<=", 60.0, "full viz of a best run (< 1 M params)"),
+    "budget_search_best_val_accuracy": (">=", 0.66, "60-min search, full data, 2 cores"),
+    "dnn_best_val_accuracy": (">=", 0.47, "best param-matched DNN of that search"),
+}
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    memory_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return (
+        f"{os.cpu_count()} cores ({cpu}), {memory_gb:.0f} GiB RAM, no GPU, "
+        f"{platform.system()} {platform.release()}, Python {platform.python_version()}"
+    )
+
+
+def _headline(value: Any) -> float | None:
+    if isinstance(value, dict):
+        return value.get("median")
+    return value
+
+
+def _step(name: str, results: dict[str, Any], errors: dict[str, str], work: Any) -> None:
+    print(f"== {name}", flush=True)
+    started = time.perf_counter()
+    try:
+        results.update(work())
+    except Exception as error:  # one benchmark failing must not hide the others
+        errors[name] = f"{type(error).__name__}: {error}"
+        print(f"   failed: {errors[name]}", flush=True)
+    print(f"   {time.perf_counter() - started:.0f} s", flush=True)
+
+
+def run_all(data: str, with_budget: bool, only: list[str] | None) -> dict[str, Any]:
+    from bench import bench_budget, bench_kerastuner, bench_load, bench_memory, bench_search
+
+    results: dict[str, Any] = {}
+    errors: dict[str, str] = {}
+    steps = {
+        "load": lambda: bench_load.run(data, repeats=5),
+        "memory": lambda: bench_memory.run(),
+        "search": lambda: bench_search.run(data),
+        "viz": lambda: __import__("bench.bench_viz", fromlist=["run"]).run(data=data),
+        "kerastuner": lambda: bench_kerastuner.run(data),
+    }
+    for name, work in steps.items():
+        if only and name not in only:
+            continue
+        _step(name, results, errors, work)
+    budget_file = RESULTS / "budget_search.json"
+    if with_budget:
+        _step("budget", results, errors, lambda: bench_budget.run(data))
+        budget_file.write_text(
+            json.dumps(
+                {k: v for k, v in results.items() if k.startswith(("budget", "dnn_"))}, indent=2
+            )
+        )
+    elif budget_file.exists():
+        results.update(json.loads(budget_file.read_text()))
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+    ).stdout.strip()
+    results["_meta"] = {
+        "machine": machine(),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "commit": commit,
+        "command": "make bench",
+        "errors": errors,
+    }
+    return results
+
+
+def merge_previous(results: dict[str, Any]) -> dict[str, Any]:
+    """With `--only`, keep the other benchmarks' last figures (their dates stay visible)."""
+    latest = RESULTS / "latest.json"
+    if not latest.exists():
+        return results
+    previous = json.loads(latest.read_text())
+    merged = {**previous, **{k: v for k, v in results.items() if k != "_meta"}}
+    merged["_meta"] = results["_meta"]
+    return merged
+
+
+def table(results: dict[str, Any]) -> str:
+    rows = ["| key | what | median | min | max | goal | met |", "|---|---|---|---|---|---|---|"]
+    for key, (op, goal, what) in GOALS.items():
+        value = results.get(key)
+        headline = _headline(value)
+        low = value.get("min") if isinstance(value, dict) else headline
+        high = value.get("max") if isinstance(value, dict) else headline
+        if headline is None:
+            rows.append(f"| `{key}` | {what} | not measured | | | {op} {goal} | — |")
+            continue
+        met = headline <= goal if op == "<=" else headline >= goal
+        rows.append(
+            f"| `{key}` | {what} | {headline:.3f} | {low:.3f} | {high:.3f} | "
+            f"{op} {goal} | {'yes' if met else '**no**'} |"
+        )
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default=os.environ.get("FER2013_PATH", ""))
+    parser.add_argument(
+        "--with-budget", action="store_true", help="also re-run the 60-minute budget search"
+    )
+    parser.add_argument("--only", help="comma list of: load,memory,search,viz,kerastuner")
+    args = parser.parse_args(argv)
+    if not args.data:
+        parser.error("--data or FER2013_PATH is required (the benchmarks use the real data)")
+    only = args.only.split(",") if args.only else None
+    results = run_all(args.data, args.with_budget, only)
+    if only:
+        results = merge_previous(results)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "latest.json").write_text(json.dumps(results, indent=2, default=str))
+    print(table(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
