@@ -135,6 +135,30 @@ def table(results: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
+def write_markdown(results: dict[str, Any], path: Path) -> None:
+    """Replace the generated section of BENCHMARKS.md (between the markers) with this run."""
+    meta = results.get("_meta", {})
+    generated = "\n".join(
+        [
+            f"Machine: {meta.get('machine', '?')}. Date: {meta.get('date', '?')}. "
+            f"Commit: `{meta.get('commit', '?')}`. Command: `{meta.get('command', 'make bench')}`.",
+            "",
+            table(results),
+            "",
+            "Failed benchmarks in this run: "
+            + (", ".join(f"{k} ({v})" for k, v in meta.get("errors", {}).items()) or "none")
+            + ".",
+        ]
+    )
+    begin, end = "<!-- generated:begin -->", "<!-- generated:end -->"
+    text = path.read_text() if path.exists() else f"# Benchmarks\n\n{begin}\n{end}\n"
+    if begin not in text or end not in text:
+        text += f"\n{begin}\n{end}\n"
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    path.write_text(f"{head}{begin}\n{generated}\n{end}{tail}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=os.environ.get("FER2013_PATH", ""))
@@ -151,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         results = merge_previous(results)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "latest.json").write_text(json.dumps(results, indent=2, default=str))
+    write_markdown(results, ROOT / "BENCHMARKS.md")
     print(table(results))
     return 0
 

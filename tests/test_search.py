@@ -7,12 +7,12 @@ from pathlib import Path
 import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
+from viz_helpers import write_fer_csv
 
 from jobs import artifacts as layout
 from jobs.resources import GIB, MIB, WorkerBudget, budget_from_nodes, place
 from jobs.search import plan_trials, run_search
 from jobs.settings import SearchSettings
-from viz_helpers import write_fer_csv
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +40,10 @@ def tracking(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> MlflowClient:
 def test_budget_detection_prefers_gpu_memory() -> None:
     nodes = [
         {"Alive": True, "Resources": {"CPU": 4, "memory": 8 * GIB}},
-        {"Alive": True, "Resources": {"CPU": 8, "GPU": 2, "gpu_memory_mb": 2 * 24576,
-                                      "memory": 32 * GIB}},
+        {
+            "Alive": True,
+            "Resources": {"CPU": 8, "GPU": 2, "gpu_memory_mb": 2 * 24576, "memory": 32 * GIB},
+        },
         {"Alive": False, "Resources": {"CPU": 8, "GPU": 1, "gpu_memory_mb": 81920}},
     ]
     budget = budget_from_nodes(nodes)
@@ -54,9 +56,17 @@ def test_search_refuses_what_fits_no_worker_and_tracks_the_rest(
     tmp_path: Path, tracking: MlflowClient, ray_session: None
 ) -> None:
     data = write_fer_csv(tmp_path / "fer.csv")
-    settings = SearchSettings(data=str(data), families="cnn,dnn", num_samples=4, max_epochs=2,
-                              time_budget_min=10, storage=str(tmp_path / "tune"),
-                              name="t-search", grace_epochs=1, cpus_per_trial=1)
+    settings = SearchSettings(
+        data=str(data),
+        families="cnn,dnn",
+        num_samples=4,
+        max_epochs=2,
+        time_budget_min=10,
+        storage=str(tmp_path / "tune"),
+        name="t-search",
+        grace_epochs=1,
+        cpus_per_trial=1,
+    )
     # Size the worker just under what cnn-003 (kernel-5 CNN, batch 128) needs at its smallest
     # micro-batch: it must be refused, SEED2017 (batch 64) downsized, the DNN fit as it is.
     probe = plan_trials(settings, WorkerBudget("cpu", 1, "probe"))
@@ -66,8 +76,10 @@ def test_search_refuses_what_fits_no_worker_and_tracks_the_rest(
     entries = plan_trials(settings, WorkerBudget("cpu", int(budget_mb * MIB), "test"))
     status = {e["plan"]["name"]: e["placement"]["status"] for e in entries}
     assert status.pop("cnn-fast") in {"fits", "downsized"}
-    assert status == {"seed2017": "downsized", "dnn-matched": "fits",
-                      "cnn-003": "does_not_fit"}, (status, smallest)
+    assert status == {"seed2017": "downsized", "dnn-matched": "fits", "cnn-003": "does_not_fit"}, (
+        status,
+        smallest,
+    )
     largest = "cnn-003"
 
     result = run_search(settings)
@@ -78,7 +90,8 @@ def test_search_refuses_what_fits_no_worker_and_tracks_the_rest(
     assert parent.data.tags[layout.TAG_ROLE] == "search"
     children = tracking.search_runs(
         [parent.info.experiment_id],
-        filter_string=f"tags.`mlflow.parentRunId` = '{result.parent_run_id}'")
+        filter_string=f"tags.`mlflow.parentRunId` = '{result.parent_run_id}'",
+    )
     assert len(children) == 4
     assert all(run.info.status in {"FINISHED", "FAILED"} for run in children)
     by_name = {run.info.run_name: run for run in children}
@@ -104,7 +117,8 @@ def test_search_refuses_what_fits_no_worker_and_tracks_the_rest(
     best = max(trained, key=lambda r: r.data.metrics["best_val_accuracy"])
     assert parent.data.tags[layout.TAG_BEST_RUN] == best.info.run_id == result.best_run_id
     assert parent.data.metrics["best_val_accuracy"] == pytest.approx(
-        best.data.metrics["best_val_accuracy"])
+        best.data.metrics["best_val_accuracy"]
+    )
     csv_text = mlflow.artifacts.load_text(f"runs:/{result.parent_run_id}/search/trials.csv")
     assert csv_text.count("\n") == 5  # header + 4 trials
 

@@ -47,8 +47,17 @@ def test_mlproject_defaults_match_settings(entry_point: str, settings_class: typ
 
 
 def test_search_entry_points_expose_the_issue_parameters() -> None:
-    required = {"data", "families", "num_samples", "max_epochs", "time_budget_min",
-                "data_fraction", "seed", "storage", "resume"}
+    required = {
+        "data",
+        "families",
+        "num_samples",
+        "max_epochs",
+        "time_budget_min",
+        "data_fraction",
+        "seed",
+        "storage",
+        "resume",
+    }
     for entry_point in ("main", "search"):
         assert required <= set(mlproject()["entry_points"][entry_point]["parameters"])
 
@@ -73,8 +82,9 @@ def test_cli_defaults_come_from_settings() -> None:
 def test_cli_parses_mlproject_style_values() -> None:
     parser = argparse.ArgumentParser()
     add_arguments(parser, SearchSettings)
-    parsed = parser.parse_args(["--resume", "true", "--num-samples", "4", "--data-fraction",
-                                "0.03"])
+    parsed = parser.parse_args(
+        ["--resume", "true", "--num-samples", "4", "--data-fraction", "0.03"]
+    )
     assert parsed.resume is True and parsed.num_samples == 4 and parsed.data_fraction == 0.03
     with pytest.raises(SystemExit):
         parser.parse_args(["--resume", "maybe"])
@@ -83,8 +93,11 @@ def test_cli_parses_mlproject_style_values() -> None:
 def test_conda_env_uses_the_same_pins_as_requirements() -> None:
     conda = yaml.safe_load((ROOT / "conda.yaml").read_text())
     pip_section = next(d["pip"] for d in conda["dependencies"] if isinstance(d, dict))
-    pins = [line.strip() for line in (ROOT / "requirements.txt").read_text().splitlines()
-            if line.strip() and not line.startswith("#")]
+    pins = [
+        line.strip()
+        for line in (ROOT / "requirements.txt").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
     assert sorted(pip_section) == sorted(pins)
     assert all("==" in pin for pin in pins), "every runtime requirement is pinned"
     assert mlproject()["conda_env"] == "conda.yaml"

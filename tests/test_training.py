@@ -50,12 +50,20 @@ def test_config_validation() -> None:
 
 def test_loop_checkpoints_every_epoch_and_keeps_the_best(tmp_path: Path, data: TrainData) -> None:
     reported = []
-    loop = EpochLoop(tiny_model, data, TrainingConfig(batch_size=16, micro_batch_size=16,
-                                                      max_epochs=3), tmp_path)
+    loop = EpochLoop(
+        tiny_model, data, TrainingConfig(batch_size=16, micro_batch_size=16, max_epochs=3), tmp_path
+    )
     state = loop.run(lambda metrics, _: reported.append(metrics))
     assert [m["epoch"] for m in reported] == [1, 2, 3]
-    for key in ("loss", "accuracy", "val_loss", "val_accuracy", "epoch_seconds",
-                "images_per_second", "best_val_accuracy"):
+    for key in (
+        "loss",
+        "accuracy",
+        "val_loss",
+        "val_accuracy",
+        "epoch_seconds",
+        "images_per_second",
+        "best_val_accuracy",
+    ):
         assert all(np.isfinite(m[key]) for m in reported), key
     assert state.best_val_accuracy == max(m["val_accuracy"] for m in reported)
     assert (tmp_path / BEST_MODEL).exists() and (tmp_path / LAST_MODEL).exists()
@@ -66,14 +74,22 @@ def test_loop_checkpoints_every_epoch_and_keeps_the_best(tmp_path: Path, data: T
 
 
 def test_resume_continues_from_the_checkpoint(tmp_path: Path, data: TrainData) -> None:
-    first = EpochLoop(tiny_model, data, TrainingConfig(batch_size=16, micro_batch_size=16,
-                                                       max_epochs=2), tmp_path / "a")
+    first = EpochLoop(
+        tiny_model,
+        data,
+        TrainingConfig(batch_size=16, micro_batch_size=16, max_epochs=2),
+        tmp_path / "a",
+    )
     first.run(lambda *_: None)
     iterations = int(first.model.optimizer.iterations.numpy())
     epochs_seen = []
-    resumed = EpochLoop(tiny_model, data, TrainingConfig(batch_size=16, micro_batch_size=16,
-                                                         max_epochs=4), tmp_path / "b",
-                        resume_from=tmp_path / "a")
+    resumed = EpochLoop(
+        tiny_model,
+        data,
+        TrainingConfig(batch_size=16, micro_batch_size=16, max_epochs=4),
+        tmp_path / "b",
+        resume_from=tmp_path / "a",
+    )
     assert int(resumed.model.optimizer.iterations.numpy()) == iterations
     state = resumed.run(lambda metrics, _: epochs_seen.append(metrics["epoch"]))
     assert epochs_seen == [3, 4] and state.epoch == 4 and len(state.history) == 4
@@ -81,9 +97,13 @@ def test_resume_continues_from_the_checkpoint(tmp_path: Path, data: TrainData) -
 
 def test_oom_halves_the_micro_batch_and_resumes(tmp_path: Path, data: TrainData) -> None:
     reported = []
-    loop = EpochLoop(tiny_model, data, TrainingConfig(batch_size=32, micro_batch_size=32,
-                                                      max_epochs=3), tmp_path,
-                     fault=InjectedOOM(at_epoch=2, above_micro_batch=16))
+    loop = EpochLoop(
+        tiny_model,
+        data,
+        TrainingConfig(batch_size=32, micro_batch_size=32, max_epochs=3),
+        tmp_path,
+        fault=InjectedOOM(at_epoch=2, above_micro_batch=16),
+    )
     state = loop.run(lambda metrics, _: reported.append(metrics))
     assert [m["epoch"] for m in reported] == [1, 2, 3]  # no epoch lost or repeated
     assert [m["micro_batch_size"] for m in reported] == [32, 16, 16]
@@ -93,8 +113,12 @@ def test_oom_halves_the_micro_batch_and_resumes(tmp_path: Path, data: TrainData)
 
 
 def test_oom_gives_up_below_the_minimum(tmp_path: Path, data: TrainData) -> None:
-    loop = EpochLoop(tiny_model, data, TrainingConfig(batch_size=8, micro_batch_size=8,
-                                                      max_epochs=1), tmp_path,
-                     fault=InjectedOOM(at_epoch=1, above_micro_batch=0))
+    loop = EpochLoop(
+        tiny_model,
+        data,
+        TrainingConfig(batch_size=8, micro_batch_size=8, max_epochs=1),
+        tmp_path,
+        fault=InjectedOOM(at_epoch=1, above_micro_batch=0),
+    )
     with pytest.raises(RuntimeError, match="cannot halve"):
         loop.run(lambda *_: None)
