@@ -26,6 +26,9 @@ from jobs.settings import DATA_HELP, SearchSettings, add_arguments, as_dict, fro
 log = logging.getLogger("jobs.search")
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 TRACKING_DRAIN_S = float(os.environ.get("FER_TRACKING_DRAIN_S", "120"))
+# Trial processes: quiet TF, and glibc returns large freed blocks at once so a trial's resident
+# memory stays near what it uses (the memory estimate is calibrated for that; see model/memory.py).
+TRIAL_ENV = {"TF_CPP_MIN_LOG_LEVEL": "2", "MALLOC_MMAP_THRESHOLD_": "1048576"}
 
 
 @dataclass
@@ -114,6 +117,7 @@ def init_ray(num_cpus: int | None = None) -> None:
                 "bench/results",
                 ".stack",
             ],
+            "env_vars": TRIAL_ENV,
         }
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
     else:
@@ -121,9 +125,7 @@ def init_ray(num_cpus: int | None = None) -> None:
             num_cpus=num_cpus,
             include_dashboard=False,
             log_to_driver=True,
-            runtime_env={
-                "env_vars": {"PYTHONPATH": str(PROJECT_ROOT), "TF_CPP_MIN_LOG_LEVEL": "2"}
-            },
+            runtime_env={"env_vars": {**TRIAL_ENV, "PYTHONPATH": str(PROJECT_ROOT)}},
         )
 
 
