@@ -475,6 +475,10 @@ def _reconcile(grid: Any, logger: Any) -> None:
         trial_id = (result.metrics or {}).get("trial_id")
         if not trial_id or trial_id in logger.completed:
             continue
+        if not result.config:
+            # Interrupted before Tune recorded the trial's config: close its run, keep going.
+            logger.close_run(trial_id, "KILLED")
+            continue
         logger.finish_trial(
             trial_id,
             result.config,

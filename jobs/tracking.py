@@ -349,6 +349,16 @@ class MLflowTrialLogger(tune.Callback):
         self._ensure_run_for(trial_id, config)
         self.queue.submit(f"completion of trial {trial_id}", finish)
 
+    def close_run(self, trial_id: str, status: str) -> None:
+        """End a trial's child run (if it has one) without a model."""
+        self.completed.add(trial_id)
+        if trial_id not in self.run_ids:
+            return
+        self.queue.submit(
+            f"closing trial {trial_id}",
+            lambda: self.client.set_terminated(self.run_ids[trial_id], status),
+        )
+
     def _ensure_run_for(self, trial_id: str, config: dict) -> None:
         if trial_id not in self.run_ids:
             self._ensure_run(_TrialView(trial_id, config))
