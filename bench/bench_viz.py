@@ -5,7 +5,7 @@ FER2013 ($FER2013_PATH) and log it as a search trial into a throw-away sqlite ML
 exactly in the layout jobs/ writes (docs/ARCHITECTURE.md). Timed: `run_viz` on that run with
 the default VizSettings, `repeats` times.
 
-    python -m bench.bench_viz [--data PATH] [--repeats 1] [--fraction 0.1] [--epochs 1]
+    python -m bench.bench_viz [--data PATH] [--repeats 1] [--fraction 0.15] [--epochs 3]
                               [--output bench/results/viz.json]
 """
 
@@ -129,8 +129,8 @@ def _train_and_log(
 def run(
     data: str | None = None,
     repeats: int = 1,
-    fraction: float = 0.1,
-    epochs: int = 1,
+    fraction: float = 0.15,
+    epochs: int = 3,
     filters_per_layer: int | None = None,
     ascent_steps: int | None = None,
     out: str = "",
@@ -161,11 +161,14 @@ def run(
         client = MlflowClient(f"sqlite:///{workdir}/mlflow.db")
         trained = _train_and_log(client, data, fraction, epochs, workdir)
         settings = VizSettings(run_id=trained["run_id"], data=data, out=out, **overrides)
-        seconds, summary = [], {}
+        seconds, cpu_seconds, summary = [], [], {}
         for _ in range(repeats):
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             summary = run_viz(settings, client)
             seconds.append(time.perf_counter() - start)
+            # CPU time of this process (all threads): comparable across a loaded shared box,
+            # where wall time mostly measures the neighbours.
+            cpu_seconds.append(time.process_time() - cpu_start)
 
     return {
         "viz_seconds": {
@@ -174,6 +177,12 @@ def run(
             "max": max(seconds),
             "repeats": repeats,
         },
+        "viz_cpu_seconds": {
+            "median": statistics.median(cpu_seconds),
+            "min": min(cpu_seconds),
+            "max": max(cpu_seconds),
+        },
+        "load_average_1min": os.getloadavg()[0],
         "stage_seconds": summary["timings"],
         "model_params": trained["params"],
         "conv_layers": summary["filter_layers"],
@@ -196,8 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", default=None, help="FER2013 file (default $FER2013_PATH)")
     parser.add_argument("--repeats", type=int, default=1)
-    parser.add_argument("--fraction", type=float, default=0.1, help="data subset to train on")
-    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--fraction", type=float, default=0.15, help="data subset to train on")
+    parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--filters-per-layer", type=int, default=None)
     parser.add_argument("--ascent-steps", type=int, default=None)
     parser.add_argument("--out", default="", help="keep figures/ and reports in this folder")
