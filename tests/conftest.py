@@ -38,7 +38,7 @@ def fer2013_path() -> Path:
 
 @pytest.fixture
 def s3_server(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    """A moto S3-compatible server on loopback; yields its endpoint URL and sets the env for boto3."""
+    """A moto S3-compatible server on loopback; yields its endpoint and sets boto3's env."""
     from moto.server import ThreadedMotoServer
 
     port = free_port()

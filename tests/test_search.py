@@ -7,12 +7,12 @@ from pathlib import Path
 import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
-from viz_helpers import write_fer_csv
 
 from jobs import artifacts as layout
 from jobs.resources import GIB, MIB, WorkerBudget, budget_from_nodes, place
 from jobs.search import plan_trials, run_search
 from jobs.settings import SearchSettings
+from viz_helpers import write_fer_csv
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 import viz_helpers as h
 
 CHROMIUM = Path("/usr/bin/chromium")

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import viz_helpers as h
 
+import viz_helpers as h
 from viz import confusion, curves, filters, saliency
 from viz.report import (
     Figure,

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import viz_helpers as h
 from mlflow.tracking import MlflowClient
 
+import viz_helpers as h
 from jobs.artifacts import (
     MODEL_DIR,
     MODEL_FILE,
