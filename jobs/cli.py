@@ -9,9 +9,10 @@ import sys
 from collections.abc import Callable
 
 # S3 retries for every boto3 client a job creates (MLflow's S3 artifact store, the S3 data
-# loader, `prepare --upload`): botocore's default ("legacy", 5 attempts) gives up after a short
-# burst of dropped connections. "standard" mode retries connection errors, throttling and 5xx
-# with jittered exponential backoff. Set before any client exists; the user's values win.
+# loader, `prepare --upload`): botocore's default of 3 attempts (older botocore: "legacy" mode,
+# 5) gives up after a short burst of dropped connections. "standard" mode retries connection
+# errors, throttling and 5xx with jittered exponential backoff (at most 20 s apart). Set before
+# any client exists; values the user sets win. tests/test_reliability.py::test_10 checks it.
 S3_RETRY_ENV = {"AWS_RETRY_MODE": "standard", "AWS_MAX_ATTEMPTS": "10"}
 
 

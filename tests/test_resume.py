@@ -19,29 +19,61 @@ pytestmark = pytest.mark.reliability
 
 
 def _search_command(data: Path, storage: Path, resume: bool) -> list[str]:
-    return [sys.executable, "-m", "jobs.search", "--data", str(data), "--families", "cnn,dnn",
-            "--num-samples", "4", "--max-epochs", "4", "--grace-epochs", "4",
-            "--storage", str(storage), "--name", "killme", "--resume", str(resume).lower(),
-            "--register", "false", "--time-budget-min", "15"]
+    return [
+        sys.executable,
+        "-m",
+        "jobs.search",
+        "--data",
+        str(data),
+        "--families",
+        "cnn,dnn",
+        "--num-samples",
+        "4",
+        "--max-epochs",
+        "4",
+        "--grace-epochs",
+        "4",
+        "--storage",
+        str(storage),
+        "--name",
+        "killme",
+        "--resume",
+        str(resume).lower(),
+        "--register",
+        "false",
+        "--time-budget-min",
+        "15",
+    ]
 
 
 def _children(client: MlflowClient, parent_id: str) -> list:
     parent = client.get_run(parent_id)
-    return client.search_runs([parent.info.experiment_id],
-                               filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'")
+    return client.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'"
+    )
 
 
 def test_02_driver_killed_then_resumed(tmp_path: Path) -> None:
     data = write_fer_csv(tmp_path / "fer.csv")
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "MLFLOW_EXPERIMENT_NAME": "resume",
-           "PYTHONPATH": str(ROOT), "RAY_USAGE_STATS_ENABLED": "0"}
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": uri,
+        "MLFLOW_EXPERIMENT_NAME": "resume",
+        "PYTHONPATH": str(ROOT),
+        "RAY_USAGE_STATS_ENABLED": "0",
+    }
     env.pop("MLFLOW_RUN_ID", None)
     log_path = tmp_path / "first.log"
     with open(log_path, "w") as log:
-        driver = subprocess.Popen(_search_command(data, tmp_path / "tune", False), cwd=ROOT,
-                                  env=env, stdout=log, stderr=subprocess.STDOUT,
-                                  start_new_session=True)
+        driver = subprocess.Popen(
+            _search_command(data, tmp_path / "tune", False),
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     client = MlflowClient(uri)
     deadline = time.monotonic() + 400
     parent_id = None
@@ -53,15 +85,19 @@ def test_02_driver_killed_then_resumed(tmp_path: Path) -> None:
             experiment = client.get_experiment_by_name("resume")
             if experiment is None:
                 continue
-            parents = client.search_runs([experiment.experiment_id],
-                                         filter_string="tags.`fer.role` = 'search'")
+            parents = client.search_runs(
+                [experiment.experiment_id], filter_string="tags.`fer.role` = 'search'"
+            )
         except Exception:
             continue
         if not parents:
             continue
         parent_id = parents[0].info.run_id
-        logged = [r for r in _children(client, parent_id)
-                  if client.get_metric_history(r.info.run_id, "val_accuracy")]
+        logged = [
+            r
+            for r in _children(client, parent_id)
+            if client.get_metric_history(r.info.run_id, "val_accuracy")
+        ]
         if logged:
             break
     assert parent_id is not None, log_path.read_text()[-3000:]
@@ -70,8 +106,14 @@ def test_02_driver_killed_then_resumed(tmp_path: Path) -> None:
     before = {r.data.tags.get("ray.trial_id") for r in _children(client, parent_id)}
     time.sleep(3)  # let the orphaned Ray processes notice their driver is gone
 
-    second = subprocess.run(_search_command(data, tmp_path / "tune", True), cwd=ROOT, env=env,
-                            capture_output=True, text=True, timeout=600)
+    second = subprocess.run(
+        _search_command(data, tmp_path / "tune", True),
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
 
     children = _children(client, parent_id)
