@@ -35,6 +35,7 @@ recorded at the first download is returned.
 
 from __future__ import annotations
 
+import abc
 import hashlib
 import io
 import logging
@@ -430,14 +431,16 @@ def _content_sha256(plan: _Plan, contents: dict[str, bytes]) -> str:
     return h.hexdigest()
 
 
-class _Origin:
+class _Origin(abc.ABC):
     display: str
 
+    @abc.abstractmethod
     def plan(self) -> _Plan:
-        raise NotImplementedError
+        """Which files make up the source, and how to parse them."""
 
+    @abc.abstractmethod
     def read(self, plan: _Plan) -> dict[str, bytes]:
-        raise NotImplementedError
+        """The bytes of every planned file."""
 
     def quick_key(self, plan: _Plan) -> str | None:
         """A cache key that is cheaper than the content hash, where the store has one."""

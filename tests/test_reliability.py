@@ -32,20 +32,13 @@ from typing import Any
 import pytest
 from mlflow.tracking import MlflowClient
 
+from jobs.tracking import EPOCH_METRICS
 from viz_helpers import run_config, tiny_dnn, write_fer_csv
 
 pytestmark = pytest.mark.reliability
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
-EPOCH_METRICS = (
-    "loss",
-    "accuracy",
-    "val_loss",
-    "val_accuracy",
-    "epoch_seconds",
-    "images_per_second",
-)
 STACK_SH = ROOT / "infra" / "local" / "stack.sh"
 
 
