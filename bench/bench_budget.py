@@ -73,7 +73,8 @@ def summarise(tracking_uri: str, experiment: str) -> dict[str, Any]:
             "%Y-%m-%d %H:%M UTC", time.gmtime(parent.info.start_time / 1000)
         ),
         "budget_trials": sorted(trials, key=lambda t: -(t["best_val_accuracy"] or 0)),
-        "budget_asha_early_stopped": sum(t["status"] == "early_stopped" for t in trials),
+        # Stopped before max_epochs, by ASHA or by the time budget (the tag does not say which).
+        "budget_trials_stopped_early": sum(t["status"] == "early_stopped" for t in trials),
     }
 
 
