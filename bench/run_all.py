@@ -72,11 +72,13 @@ def run_all(data: str, with_budget: bool, only: list[str] | None) -> dict[str, A
 
     results: dict[str, Any] = {}
     errors: dict[str, str] = {}
+    # Wall times mean little on a shared machine: record how busy it was when the run began.
+    load_before = round(os.getloadavg()[0], 2)
     steps = {
         "load": lambda: bench_load.run(data, repeats=5),
         "memory": lambda: bench_memory.run(),
-        "search": lambda: bench_search.run(data),
-        "viz": lambda: __import__("bench.bench_viz", fromlist=["run"]).run(data=data),
+        "search": lambda: bench_search.run(data, repeats=3),
+        "viz": lambda: __import__("bench.bench_viz", fromlist=["run"]).run(data=data, repeats=3),
         "kerastuner": lambda: bench_kerastuner.run(data),
     }
     for name, work in steps.items():
@@ -100,7 +102,8 @@ def run_all(data: str, with_budget: bool, only: list[str] | None) -> dict[str, A
         "machine": machine(),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "commit": commit,
-        "command": "make bench",
+        "command": "make bench" + (" ARGS=--with-budget" if with_budget else ""),
+        "load_average_before": load_before,
         "errors": errors,
     }
     return results
@@ -135,15 +138,95 @@ def table(results: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, dict):
+        value = value.get("median")
+    return f"{value:.{digits}g}" if isinstance(value, float) else str(value)
+
+
+def details(results: dict[str, Any]) -> str:
+    """What stands behind each headline figure: baselines, both sides of each ratio, rows."""
+    lines: list[str] = []
+    if "load_pandas_baseline_s" in results:
+        lines.append(
+            f"- load: plain pandas + per-row split baseline "
+            f"{_fmt(results['load_pandas_baseline_s'])} s in the same run "
+            f"(cold load CPU {_fmt(results['load_cold_s'].get('cpu_median'))} s)."
+        )
+    if "trial_seconds" in results:
+        lines.append(
+            f"- trial overhead: {results.get('epochs')} epochs of the same CNN on "
+            f"{results.get('data_fraction')} of the data, two threads: our trial "
+            f"{_fmt(results['trial_seconds'])} s (child run start to end: Ray actor, "
+            f"object-store data, checkpoint per epoch, MLflow metrics and model) vs plain "
+            f"`model.fit` script {_fmt(results['plain_fit_seconds'])} s "
+            f"(n = {results['trial_overhead_ratio'].get('n')})."
+        )
+    if "trials_per_hour_shared" in results:
+        lines.append(
+            f"- concurrency: {results.get('concurrency_trials')} identical trials on "
+            f"{results.get('concurrency_cores')} cores: "
+            f"{_fmt(results['trials_per_hour_shared'])} trials/h with one CPU per concurrent "
+            f"trial vs {_fmt(results['trials_per_hour_serial'])} trials/h one at a time with "
+            f"all cores."
+        )
+    if "kerastuner" in results:
+        ours, kt = results.get("ours", {}), results["kerastuner"]
+        lines.append(
+            f"- vs KerasTuner Hyperband: target val accuracy "
+            f"{results.get('kerastuner_target_val_accuracy')} on "
+            f"{results.get('kerastuner_data_fraction')} of the data, "
+            f"{results.get('kerastuner_budget_min')} min each: ours reached it after "
+            f"{_fmt(ours.get('seconds_to_target'))} s (best {_fmt(ours.get('best_val_accuracy'))}),"
+            f" KerasTuner after {_fmt(kt.get('seconds_to_target'))} s "
+            f"(best {_fmt(kt.get('best_val_accuracy'))}); a tool that never reaches the target "
+            f"is censored at the budget ({results.get('censored')})."
+        )
+    if "stage_seconds" in results:
+        stages = ", ".join(f"{k} {v:.1f} s" for k, v in results["stage_seconds"].items())
+        lines.append(f"- viz of a {results.get('model_params', 0):,}-parameter CNN: {stages}.")
+    if "budget_trials" in results:
+        trials = "; ".join(
+            f"{t['name']} {_fmt(t['best_val_accuracy'])} after {t['epochs_done']} epochs "
+            f"({t['status']}, {_fmt(t.get('images_per_second_median'))} img/s)"
+            for t in results["budget_trials"]
+        )
+        lines.append(
+            f"- budget search ({results.get('budget_run_date')}, commit "
+            f"`{results.get('budget_commit')}`, {_fmt(results.get('budget_wall_minutes'))} min "
+            f"wall): {trials}."
+        )
+    rows = results.get("memory_estimate_rows")
+    if rows:
+        lines += [
+            "",
+            "Memory estimator vs measured peak (CPU, a fresh subprocess per row):",
+            "",
+            "| config | optimizer | params | batch | estimated MB | measured MB | error |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {r['config']} | {r['optimizer']} | {r['params']:,} | {r['batch']} | "
+            f"{r['estimated_mb']} | {r['measured_mb']} | {r['rel_error'] * 100:+.1f} % |"
+            for r in rows
+        ]
+    return "\n".join(lines)
+
+
 def write_markdown(results: dict[str, Any], path: Path) -> None:
     """Replace the generated section of BENCHMARKS.md (between the markers) with this run."""
     meta = results.get("_meta", {})
     generated = "\n".join(
         [
             f"Machine: {meta.get('machine', '?')}. Date: {meta.get('date', '?')}. "
-            f"Commit: `{meta.get('commit', '?')}`. Command: `{meta.get('command', 'make bench')}`.",
+            f"Commit: `{meta.get('commit', '?')}`. Command: `{meta.get('command', 'make bench')}`."
+            f" Load average before the run: {meta.get('load_average_before', '?')}.",
             "",
             table(results),
+            "",
+            details(results),
             "",
             "Failed benchmarks in this run: "
             + (", ".join(f"{k} ({v})" for k, v in meta.get("errors", {}).items()) or "none")
