@@ -5,6 +5,12 @@ asks Ray for that much memory (`memory` on CPU workers; a GPU fraction plus the 
 `gpu_memory_mb` on GPU workers), so Ray packs trials by memory. A config too big for the largest
 worker is downsized to a smaller micro-batch with gradient accumulation (same effective batch),
 or refused when even the smallest micro-batch does not fit.
+
+GPU nodes may differ in per-GPU memory. `gpu_memory_mb` is per node (summed over its GPUs), so on
+its own it cannot keep a trial off a node whose every card is too small, nor keep a fractional
+request from overfilling one small card. So the GPU fraction is taken of the smallest card the
+trial fits on (never more than its share of any card it may land on), and nodes whose cards are
+all too small are excluded with a label selector on their Ray node id.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 GPU_MEMORY_RESOURCE = "gpu_memory_mb"
+NODE_ID_LABEL = "ray.io/node-id"  # a label Ray gives every node
 MIB = 1 << 20
 GIB = 1 << 30
 
@@ -25,6 +32,8 @@ class WorkerBudget:
     kind: str  # "gpu" or "cpu"
     bytes_per_worker: int
     source: str  # how it was found (logged on the parent run)
+    # (Ray node id, memory per GPU) of every alive GPU node; empty: all cards are bytes_per_worker
+    gpu_nodes: tuple[tuple[str, int], ...] = ()
 
     def describe(self) -> str:
         return f"{self.kind} worker, {self.bytes_per_worker / GIB:.2f} GiB ({self.source})"
@@ -39,6 +48,8 @@ class Placement:
     gpu_memory_limit_mb: float = 0.0
     reason: str = ""
     min_estimated_bytes: int = 0  # at the smallest micro-batch tried (refusals only)
+    # Ray bundle label selector; on a mixed-GPU cluster, keeps the trial off too-small cards
+    label_selector: dict[str, str] = field(default_factory=dict)
 
     @property
     def estimated_mb(self) -> float:
@@ -48,36 +59,60 @@ class Placement:
 def budget_from_nodes(nodes: list[dict[str, Any]], worker_memory_gb: float = 0.0) -> WorkerBudget:
     """Budget from `ray.nodes()`: per-GPU memory where GPU workers exist, else node memory.
 
+    A trial must fit on one card of one node, so the budget is the largest card of any node;
+    each node's own card size is kept for the per-trial request (see `_resources`).
     `worker_memory_gb` > 0 overrides the detected size (same kind).
     """
     alive = [node for node in nodes if node.get("Alive", True)]
-    gpu_sizes = []
+    gpu_nodes = []
     for node in alive:
         resources = node.get("Resources", {})
         gpus = resources.get("GPU", 0)
         if gpus >= 1 and resources.get(GPU_MEMORY_RESOURCE, 0) > 0:
-            gpu_sizes.append(resources[GPU_MEMORY_RESOURCE] / gpus * MIB)
+            per_gpu = resources[GPU_MEMORY_RESOURCE] / gpus * MIB
         elif gpus >= 1:
             # GPU worker that does not declare its memory: assume the smallest common card.
-            gpu_sizes.append(16 * GIB)
+            per_gpu = 16 * GIB
+        else:
+            continue
+        gpu_nodes.append((str(node.get("NodeID", "")), int(per_gpu)))
     if worker_memory_gb > 0:
-        kind = "gpu" if gpu_sizes else "cpu"
+        kind = "gpu" if gpu_nodes else "cpu"
         return WorkerBudget(kind, int(worker_memory_gb * GIB), "worker_memory_gb parameter")
-    if gpu_sizes:
-        return WorkerBudget("gpu", int(max(gpu_sizes)), f"largest GPU ({GPU_MEMORY_RESOURCE})")
+    if gpu_nodes:
+        return WorkerBudget(
+            "gpu",
+            max(size for _, size in gpu_nodes),
+            f"largest GPU ({GPU_MEMORY_RESOURCE})",
+            tuple(gpu_nodes),
+        )
     memories = [node.get("Resources", {}).get("memory", 0) for node in alive]
     if not memories or max(memories) <= 0:
         raise RuntimeError("no alive Ray node reports a memory resource; cannot size trials")
     return WorkerBudget("cpu", int(max(memories)), "largest node's Ray memory resource")
 
 
-def _resources(budget: WorkerBudget, estimated: int, cpus: float) -> tuple[dict[str, float], float]:
+def _resources(
+    budget: WorkerBudget, estimated: int, cpus: float
+) -> tuple[dict[str, float], float, dict[str, str]]:
+    """Ray resources, TF GPU memory limit (MiB) and label selector of a trial of `estimated`."""
     if budget.kind == "gpu":
-        share = min(1.0, math.ceil(estimated / budget.bytes_per_worker * 100) / 100)
+        # The share is of the smallest card the trial fits on: on a bigger card it over-reserves
+        # a little, but the shares on any one card never add up to more than that card holds.
+        card = min(
+            (size for _, size in budget.gpu_nodes if size >= estimated),
+            default=budget.bytes_per_worker,
+        )
+        share = min(1.0, math.ceil(estimated / card * 100) / 100)
         mb = math.ceil(estimated / MIB)
-        limit = share * budget.bytes_per_worker / MIB
-        return {"CPU": cpus, "GPU": share, GPU_MEMORY_RESOURCE: mb}, limit
-    return {"CPU": cpus, "memory": float(estimated)}, 0.0
+        limit = share * card / MIB
+        # Nodes whose cards are all too small could still pass the node-wide gpu_memory_mb
+        # check (several small cards); keep the trial off them. Nodes that join later are not
+        # known here: keep each node group's cards alike and declare them (infra/README.md).
+        too_small = sorted(node for node, size in budget.gpu_nodes if size < estimated and node)
+        selector = {NODE_ID_LABEL: f"!in({','.join(too_small)})"} if too_small else {}
+        return {"CPU": cpus, "GPU": share, GPU_MEMORY_RESOURCE: mb}, limit, selector
+    return {"CPU": cpus, "memory": float(estimated)}, 0.0, {}
 
 
 def place(
@@ -93,14 +128,14 @@ def place(
 
     estimated = estimate_training_memory(model, batch_size, optimizer=optimizer)
     if estimated <= budget.bytes_per_worker:
-        resources, limit = _resources(budget, estimated, cpus_per_trial)
-        return Placement("fits", estimated, batch_size, resources, limit)
+        resources, limit, selector = _resources(budget, estimated, cpus_per_trial)
+        return Placement("fits", estimated, batch_size, resources, limit, label_selector=selector)
     micro = batch_size
     while micro // 2 >= min_micro_batch and batch_size % (micro // 2) == 0:
         micro //= 2
         estimated_micro = estimate_training_memory(model, micro, optimizer=optimizer)
         if estimated_micro <= budget.bytes_per_worker:
-            resources, limit = _resources(budget, estimated_micro, cpus_per_trial)
+            resources, limit, selector = _resources(budget, estimated_micro, cpus_per_trial)
             return Placement(
                 "downsized",
                 estimated_micro,
@@ -109,6 +144,7 @@ def place(
                 limit,
                 f"batch {batch_size} needs {estimated / MIB:.0f} MiB > {budget.describe()}; "
                 f"micro-batch {micro} x {batch_size // micro} accumulation steps",
+                label_selector=selector,
             )
     smallest = estimate_training_memory(model, micro, optimizer=optimizer)
     return Placement(

@@ -169,6 +169,7 @@ def plan_trials(
                     "estimated_mb": placement.estimated_mb,
                     "param_count": int(model.count_params()),
                     "resources": placement.resources,
+                    "label_selector": placement.label_selector,
                     "gpu_memory_limit_mb": placement.gpu_memory_limit_mb,
                     "reason": placement.reason,
                     "min_estimated_mb": placement.min_estimated_bytes / (1 << 20),
@@ -186,12 +187,26 @@ def _trial_config(entry: dict[str, Any], fault_injection: dict | None) -> dict[s
         "model": plan["model"],
         "training": plan["training"],
         "resources": placement["resources"],
+        "label_selector": placement["label_selector"],
         "gpu_memory_limit_mb": placement["gpu_memory_limit_mb"],
     }
     faults = (fault_injection or {}).get(plan["name"])
     if faults:
         config["fault_injection"] = faults
     return config
+
+
+def _trial_resources(config: dict[str, Any]) -> Any:
+    """One bundle with the planned resources (and label selector, where it has one)."""
+    from ray.tune.execution.placement_groups import PlacementGroupFactory
+
+    from jobs.trial import plan_of
+
+    plan = plan_of(config)
+    selector = plan.get("label_selector")
+    if selector:
+        return PlacementGroupFactory([plan["resources"]], bundle_label_selector=[selector])
+    return PlacementGroupFactory([plan["resources"]])
 
 
 def _find_parent(client: Any, experiment_id: str, name: str) -> Any | None:
@@ -258,12 +273,11 @@ def run_search(
     import ray
     from mlflow.tracking import MlflowClient
     from ray import tune
-    from ray.tune.execution.placement_groups import PlacementGroupFactory
 
     from jobs.cli import configure_s3_retries
     from jobs.resources import budget_from_nodes
     from jobs.tracking import MLflowTrialLogger, quick_failing_client_env
-    from jobs.trial import plan_of, train_trial
+    from jobs.trial import train_trial
 
     started = time.time()
     quick_failing_client_env()
@@ -335,8 +349,7 @@ def run_search(
         else:
             logger = MLflowTrialLogger(tracking_uri, experiment_id, parent_id, by_name, data_info)
             trainable = tune.with_resources(
-                tune.with_parameters(train_trial, data=arrays),
-                resources=lambda config: PlacementGroupFactory([plan_of(config)["resources"]]),
+                tune.with_parameters(train_trial, data=arrays), resources=_trial_resources
             )
             # Only "plan" varies, so Tune's live table and trial folders show the plan name.
             param_space = {

@@ -272,6 +272,10 @@ class MLflowTrialLogger(tune.Callback):
             "micro_batch_size": str(result.get("micro_batch_size", "")),
             "oom_retries": str(result.get("oom_retries", 0)),
         }
+        # Where it ran (a restored trial may move): Ray node id and the GPU ids Ray gave it.
+        for key in ("node_id", "gpu_ids"):
+            if result.get(key):
+                extra[key] = str(result[key])
         self.queue.submit(
             f"epoch {epoch} metrics of trial {trial_id}",
             lambda: self.client.log_batch(

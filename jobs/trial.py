@@ -38,6 +38,18 @@ def configure_tensorflow(cpus: float, gpu_memory_mb: float) -> None:
             pass
 
 
+def placed_on() -> dict[str, str]:
+    """Where Ray runs this trial: its node id and the GPU ids it was given ("" on CPU).
+
+    Reported with every result (the driver tags the child run `fer.node_id`, `fer.gpu_ids`).
+    """
+    import ray
+
+    context = ray.get_runtime_context()
+    gpus = context.get_accelerator_ids().get("GPU", [])
+    return {"node_id": context.get_node_id(), "gpu_ids": ",".join(str(g) for g in gpus)}
+
+
 def _training_config(config: dict[str, Any]) -> TrainingConfig:
     return TrainingConfig(**config["training"])
 
@@ -99,8 +111,10 @@ def train_trial(config: dict[str, Any], data: dict[str, Any] | None = None) -> N
             fault=fault,
         )
 
+    where = placed_on()
+
     def report(metrics: dict[str, Any], directory: Path) -> None:
-        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(directory)))
+        tune.report({**metrics, **where}, checkpoint=tune.Checkpoint.from_directory(str(directory)))
         # Test hook for reliability tests: die hard once, right after epoch k is checkpointed.
         marker = fault_spec.get("kill_marker")
         if (
