@@ -86,7 +86,10 @@ def _search(
     uri = f"sqlite:///{workdir}/mlflow.db"
     os.environ["MLFLOW_TRACKING_URI"] = uri
     os.environ["MLFLOW_EXPERIMENT_NAME"] = name
-    os.environ.pop("MLFLOW_RUN_ID", None)
+    # mlflow.set_experiment exports MLFLOW_EXPERIMENT_ID, which run_search prefers to the name:
+    # drop the previous search's id, or this search would log into an experiment of another store.
+    for stale in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID"):
+        os.environ.pop(stale, None)
     mlflow.set_tracking_uri(uri)
     settings = SearchSettings(
         data=data,

@@ -397,18 +397,23 @@ def test_ray_cluster_survives_rays_own_preparation(ray_cluster: dict[str, Any]) 
 def test_ray_gpu_workers_declare_their_gpu_memory(ray_cluster: dict[str, Any]) -> None:
     node_types = ray_cluster["available_node_types"]
     gpu_types = 0
+    always_up = 0
     for name, node in node_types.items():
         resources = node["resources"]
         instance = node["node_config"]["InstanceType"]
         if name == ray_cluster["head_node_type"]:
             assert resources.get("GPU", 0) == 0 and GPU_MEMORY_RESOURCE not in resources
             continue
+        always_up += node.get("min_workers", 0) >= 1
         assert instance in AWS_GPUS, f"{name}: add {instance} to AWS_GPUS"
         product, count = AWS_GPUS[instance]
         assert resources["GPU"] == count, f"{name}: {instance} has {count} GPUs"
         assert resources[GPU_MEMORY_RESOURCE] == count * GPU_MIB[product], name
         gpu_types += 1
     assert gpu_types >= 2
+    # The driver sizes trials from the GPU nodes alive at the start of a search: with none up
+    # it would plan for the CPU head and never request a GPU.
+    assert always_up >= 1, "at least one GPU node type needs min_workers >= 1"
     # Only this one custom resource name is used, so a renamed constant cannot slip through.
     custom = {k for n in node_types.values() for k in n["resources"]} - {"CPU", "GPU", "memory"}
     assert custom == {GPU_MEMORY_RESOURCE}
@@ -465,6 +470,8 @@ def test_raycluster_is_a_well_formed_kuberay_resource(raycluster: dict[str, Any]
     assert len(names) == len(set(names))
     for group in spec["workerGroupSpecs"]:
         assert 0 <= group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
+    # See test_ray_gpu_workers_declare_their_gpu_memory: one GPU worker must be up at the start.
+    assert any(g["minReplicas"] >= 1 for g in spec["workerGroupSpecs"])
 
 
 def test_kuberay_gpu_groups_declare_their_gpu_memory(raycluster: dict[str, Any]) -> None:
