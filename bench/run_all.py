@@ -102,7 +102,7 @@ def run_all(data: str, with_budget: bool, only: list[str] | None) -> dict[str, A
         "machine": machine(),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "commit": commit,
-        "command": "make bench" + (" ARGS=--with-budget" if with_budget else ""),
+        "command": "make bench",
         "load_average_before": load_before,
         "errors": errors,
     }
@@ -117,6 +117,10 @@ def merge_previous(results: dict[str, Any]) -> dict[str, Any]:
     previous = json.loads(latest.read_text())
     merged = {**previous, **{k: v for k, v in results.items() if k != "_meta"}}
     merged["_meta"] = results["_meta"]
+    earlier = previous.get("_meta", {})
+    merged["_meta"]["merged_from"] = earlier.get("merged_from") or {
+        key: earlier.get(key) for key in ("date", "commit", "command", "load_average_before")
+    }
     return merged
 
 
@@ -215,6 +219,17 @@ def details(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _merged_note(meta: dict[str, Any]) -> str:
+    earlier = meta.get("merged_from")
+    if not earlier:
+        return ""
+    return (
+        f"\nOnly {meta.get('only')} ran in this run; the other figures come from the full run "
+        f"of {earlier.get('date')} (commit `{earlier.get('commit')}`, `{earlier.get('command')}`,"
+        f" load average {earlier.get('load_average_before')})."
+    )
+
+
 def write_markdown(results: dict[str, Any], path: Path) -> None:
     """Replace the generated section of BENCHMARKS.md (between the markers) with this run."""
     meta = results.get("_meta", {})
@@ -223,6 +238,7 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
             f"Machine: {meta.get('machine', '?')}. Date: {meta.get('date', '?')}. "
             f"Commit: `{meta.get('commit', '?')}`. Command: `{meta.get('command', 'make bench')}`."
             f" Load average before the run: {meta.get('load_average_before', '?')}.",
+            _merged_note(meta),
             "",
             table(results),
             "",
@@ -254,7 +270,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--data or FER2013_PATH is required (the benchmarks use the real data)")
     only = args.only.split(",") if args.only else None
     results = run_all(args.data, args.with_budget, only)
+    flags = (["--with-budget"] if args.with_budget else []) + (
+        [f"--only {args.only}"] if only else []
+    )
+    if flags:
+        results["_meta"]["command"] = f"make bench ARGS='{' '.join(flags)}'"
     if only:
+        results["_meta"]["only"] = args.only
         results = merge_previous(results)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "latest.json").write_text(json.dumps(results, indent=2, default=str))
