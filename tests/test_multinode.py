@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -114,14 +115,19 @@ def card_sizes(settings: SearchSettings) -> tuple[int, int]:
 
 
 @pytest.fixture
-def tracking(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> MlflowClient:
+def tracking(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[MlflowClient]:
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "multinode-test")
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
     monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
     mlflow.set_tracking_uri(uri)
-    return MlflowClient(uri)
+    yield MlflowClient(uri)
+    # mlflow keeps the URI in a module global, and run_search's mlflow.set_experiment exports
+    # MLFLOW_EXPERIMENT_ID behind monkeypatch's back: later tests (test_stack) must not inherit
+    # either (`mlflow run` refuses an experiment id and name together).
+    mlflow.set_tracking_uri(None)
+    os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
 
 
 def start_cluster(big_card_mb: int, small_card_mb: int) -> tuple[Any, FakeCluster]:

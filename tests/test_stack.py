@@ -87,6 +87,11 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 def tracking_env(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> Stack:
     for name, value in stack.env.items():
         monkeypatch.setenv(name, value)
+    import mlflow
+
+    # A URI set by an earlier test in this process would override the exported environment.
+    mlflow.set_tracking_uri(None)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", stack.env["MLFLOW_TRACKING_URI"])
     return stack
 
 
