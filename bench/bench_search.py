@@ -108,8 +108,31 @@ def _search(
     return result, MlflowClient(uri)
 
 
+def trial_spans(client: Any, run: Any) -> dict[str, float]:
+    """Split a child run's wall time: start-up in the trial, epochs, after the last epoch, rest.
+
+    `setup` is the trial's own `setup_seconds` (TF import, data, model build); `epochs` the
+    sum of `epoch_seconds`; `after_last_epoch` the driver's work between the last epoch's
+    metrics and the run's end (checkpoint copy, model files, MLflow Keras flavour); `other`
+    is what remains (Ray actor start, per-epoch saves and reports).
+    """
+    run_id = run.info.run_id
+    total = (run.info.end_time - run.info.start_time) / 1000
+    epochs = client.get_metric_history(run_id, "epoch_seconds")
+    setup = client.get_metric_history(run_id, "setup_seconds")
+    last_epoch_at = max(m.timestamp for m in epochs)
+    spans = {
+        "setup": sum(m.value for m in setup),
+        "epochs": sum(m.value for m in epochs),
+        "after_last_epoch": (run.info.end_time - last_epoch_at) / 1000,
+    }
+    spans["other"] = total - sum(spans.values())
+    return spans
+
+
 def trial_overhead(data: str, fraction: float, epochs: int, repeats: int) -> dict[str, Any]:
     ratios, ours, plain = [], [], []
+    spans: list[dict[str, float]] = []
     for repeat in range(repeats):
         with tempfile.TemporaryDirectory() as tmp:
             result, client = _search(
@@ -123,6 +146,7 @@ def trial_overhead(data: str, fraction: float, epochs: int, repeats: int) -> dic
             )
             child = client.get_run(result.best_run_id)
             trial_s = (child.info.end_time - child.info.start_time) / 1000
+            spans.append(trial_spans(client, child))
         out = subprocess.run(
             [
                 sys.executable,
@@ -153,6 +177,10 @@ def trial_overhead(data: str, fraction: float, epochs: int, repeats: int) -> dic
         "trial_overhead_ratio": _summary(ratios),
         "trial_seconds": _summary(ours),
         "plain_fit_seconds": _summary(plain),
+        # Medians over the repeats of where the trial's time went (see trial_spans).
+        "trial_span_seconds": {
+            key: statistics.median(span[key] for span in spans) for key in spans[0]
+        },
         "epochs": epochs,
         "data_fraction": fraction,
     }

@@ -168,6 +168,9 @@ def details(results: dict[str, Any]) -> str:
             f"`model.fit` script {_fmt(results['plain_fit_seconds'])} s "
             f"(n = {results['trial_overhead_ratio'].get('n')})."
         )
+        if "trial_span_seconds" in results:
+            spans = ", ".join(f"{k} {v:.1f} s" for k, v in results["trial_span_seconds"].items())
+            lines.append(f"  Where our trial's time went (medians): {spans}.")
     if "trials_per_hour_shared" in results:
         lines.append(
             f"- concurrency: {results.get('concurrency_trials')} identical trials on "

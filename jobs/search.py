@@ -26,9 +26,10 @@ from jobs.settings import DATA_HELP, SearchSettings, add_arguments, as_dict, fro
 log = logging.getLogger("jobs.search")
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 TRACKING_DRAIN_S = float(os.environ.get("FER_TRACKING_DRAIN_S", "120"))
-# Trial processes: quiet TF, and glibc returns large freed blocks at once so a trial's resident
-# memory stays near what it uses (the memory estimate is calibrated for that; see model/memory.py).
-TRIAL_ENV = {"TF_CPP_MIN_LOG_LEVEL": "2", "MALLOC_MMAP_THRESHOLD_": "1048576"}
+# Trial processes: quiet TF. No MALLOC_MMAP_THRESHOLD_: a fixed 1 MiB threshold kept resident
+# memory near the live peak but made every activation an mmap/munmap pair, and CPU training
+# took 1.7x as long (116 s vs 66 s for the same 3 epochs; BENCHMARKS.md, "Trial overhead").
+TRIAL_ENV = {"TF_CPP_MIN_LOG_LEVEL": "2"}
 
 
 @dataclass

@@ -34,6 +34,8 @@ EPOCH_METRICS = (
     "epoch_seconds",
     "images_per_second",
 )
+# In the first result after a trial (re)starts only: TF import, data, model build.
+START_METRICS = ("setup_seconds",)
 # Errors that will not go away by retrying (bad value, duplicate): drop the op, don't block.
 _PERMANENT = {"INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST"}
 
@@ -265,7 +267,9 @@ class MLflowTrialLogger(tune.Callback):
         self.logged_epochs[trial_id].add(epoch)
         now = int(time.time() * 1000)
         metrics = [
-            Metric(key, float(result[key]), now, epoch) for key in EPOCH_METRICS if key in result
+            Metric(key, float(result[key]), now, epoch)
+            for key in EPOCH_METRICS + START_METRICS
+            if key in result
         ]
         metrics.append(Metric("best_val_accuracy", float(result["best_val_accuracy"]), now, epoch))
         extra = {

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +64,7 @@ def train_trial(config: dict[str, Any], data: dict[str, Any] | None = None) -> N
     """Tune trainable: trains the planned trial `plan_of(config)` (see jobs/space.py)."""
     from ray import tune
 
+    entered = time.perf_counter()
     trial = plan_of(config)
     resources = trial["resources"]
     configure_tensorflow(resources.get("CPU", 1.0), trial.get("gpu_memory_limit_mb", 0.0))
@@ -112,9 +114,14 @@ def train_trial(config: dict[str, Any], data: dict[str, Any] | None = None) -> N
         )
 
     where = placed_on()
+    # Start-up cost of this (re)start: TF import, data from the object store, model build.
+    once: dict[str, Any] = {"setup_seconds": time.perf_counter() - entered}
 
     def report(metrics: dict[str, Any], directory: Path) -> None:
-        tune.report({**metrics, **where}, checkpoint=tune.Checkpoint.from_directory(str(directory)))
+        tune.report(
+            {**metrics, **where, **once}, checkpoint=tune.Checkpoint.from_directory(str(directory))
+        )
+        once.clear()
         # Test hook for reliability tests: die hard once, right after epoch k is checkpointed.
         marker = fault_spec.get("kill_marker")
         if (
