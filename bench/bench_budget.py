@@ -81,8 +81,15 @@ def summarise(tracking_uri: str, experiment: str) -> dict[str, Any]:
 def run(data: str, budget_min: float = 60.0) -> dict[str, Any]:
     workdir = Path(tempfile.mkdtemp(prefix="fer-budget-"))
     uri = f"sqlite:///{workdir}/mlflow.db"
+    # An experiment id or run id left in the environment (mlflow.set_experiment exports one,
+    # e.g. from the search benchmark run before this) would make `mlflow run` refuse the name.
+    inherited = {
+        key: value
+        for key, value in os.environ.items()
+        if key not in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_RUN_ID")
+    }
     env = {
-        **os.environ,
+        **inherited,
         "MLFLOW_TRACKING_URI": uri,
         "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}",
     }

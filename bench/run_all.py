@@ -88,12 +88,14 @@ def run_all(data: str, with_budget: bool, only: list[str] | None) -> dict[str, A
     budget_file = RESULTS / "budget_search.json"
     if with_budget:
         _step("budget", results, errors, lambda: bench_budget.run(data))
+    if "budget" not in errors and "budget_search_best_val_accuracy" in results:
         budget_file.write_text(
             json.dumps(
                 {k: v for k, v in results.items() if k.startswith(("budget", "dnn_"))}, indent=2
             )
         )
     elif budget_file.exists():
+        # Not re-run, or the re-run failed: keep the last good run (its date and commit show).
         results.update(json.loads(budget_file.read_text()))
     commit = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
