@@ -81,8 +81,8 @@ def summarise(tracking_uri: str, experiment: str) -> dict[str, Any]:
 def run(data: str, budget_min: float = 60.0) -> dict[str, Any]:
     workdir = Path(tempfile.mkdtemp(prefix="fer-budget-"))
     uri = f"sqlite:///{workdir}/mlflow.db"
-    # An experiment id or run id left in the environment (mlflow.set_experiment exports one,
-    # e.g. from the search benchmark run before this) would make `mlflow run` refuse the name.
+    # An experiment id or run id in the caller's environment would make `mlflow run` refuse
+    # the experiment name given here.
     inherited = {
         key: value
         for key, value in os.environ.items()

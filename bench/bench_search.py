@@ -86,8 +86,8 @@ def _search(
     uri = f"sqlite:///{workdir}/mlflow.db"
     os.environ["MLFLOW_TRACKING_URI"] = uri
     os.environ["MLFLOW_EXPERIMENT_NAME"] = name
-    # mlflow.set_experiment exports MLFLOW_EXPERIMENT_ID, which run_search prefers to the name:
-    # drop the previous search's id, or this search would log into an experiment of another store.
+    # An id in the caller's environment (e.g. under `mlflow run`) takes precedence over the
+    # name in run_search: drop it, or this search would log into an experiment of another store.
     for stale in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID"):
         os.environ.pop(stale, None)
     mlflow.set_tracking_uri(uri)

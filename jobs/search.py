@@ -373,14 +373,16 @@ def run_search(
 
 
 def _experiment_id(client: Any) -> str:
-    import mlflow
-
     env_id = os.environ.get("MLFLOW_EXPERIMENT_ID")
     if env_id:
         return env_id
     name = os.environ.get("MLFLOW_EXPERIMENT_NAME")
     if name:
-        return mlflow.set_experiment(name).experiment_id
+        # Not mlflow.set_experiment: it exports MLFLOW_EXPERIMENT_ID into this process's
+        # environment, which then outlives the search (a later search or `mlflow run` in the
+        # same process would log into, or refuse, that stale id).
+        found = client.get_experiment_by_name(name)
+        return found.experiment_id if found is not None else client.create_experiment(name)
     return "0"
 
 

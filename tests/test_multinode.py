@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,11 +122,8 @@ def tracking(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Mlflow
     monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
     mlflow.set_tracking_uri(uri)
     yield MlflowClient(uri)
-    # mlflow keeps the URI in a module global, and run_search's mlflow.set_experiment exports
-    # MLFLOW_EXPERIMENT_ID behind monkeypatch's back: later tests (test_stack) must not inherit
-    # either (`mlflow run` refuses an experiment id and name together).
+    # mlflow keeps the URI in a module global: later tests (test_stack) must not inherit it.
     mlflow.set_tracking_uri(None)
-    os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
 
 
 def start_cluster(big_card_mb: int, small_card_mb: int) -> tuple[Any, FakeCluster]:

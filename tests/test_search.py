@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import mlflow
@@ -84,6 +85,8 @@ def test_search_refuses_what_fits_no_worker_and_tracks_the_rest(
 
     result = run_search(settings)
 
+    # The experiment was found by name without exporting its id into this process.
+    assert "MLFLOW_EXPERIMENT_ID" not in os.environ
     assert largest in result.refused
     parent = tracking.get_run(result.parent_run_id)
     assert parent.info.status == "FINISHED"
