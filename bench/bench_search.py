@@ -130,46 +130,61 @@ def trial_spans(client: Any, run: Any) -> dict[str, float]:
     return spans
 
 
+def _plain_fit_seconds(data: str, fraction: float, epochs: int) -> float:
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.plain_fit",
+            "--data",
+            data,
+            "--fraction",
+            str(fraction),
+            "--epochs",
+            str(epochs),
+            "--threads",
+            "2",
+            "--model",
+            json.dumps(bench_model()),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])["seconds_without_data_load"]
+
+
+def _trial_seconds(
+    data: str, fraction: float, epochs: int, repeat: int
+) -> tuple[float, dict[str, float]]:
+    with tempfile.TemporaryDirectory() as tmp:
+        result, client = _search(
+            data,
+            fraction,
+            epochs,
+            [_plan("overhead", epochs)],
+            2.0,
+            Path(tmp),
+            f"overhead-{repeat}",
+        )
+        child = client.get_run(result.best_run_id)
+        return (child.info.end_time - child.info.start_time) / 1000, trial_spans(client, child)
+
+
 def trial_overhead(data: str, fraction: float, epochs: int, repeats: int) -> dict[str, Any]:
     ratios, ours, plain = [], [], []
     spans: list[dict[str, float]] = []
     for repeat in range(repeats):
-        with tempfile.TemporaryDirectory() as tmp:
-            result, client = _search(
-                data,
-                fraction,
-                epochs,
-                [_plan("overhead", epochs)],
-                2.0,
-                Path(tmp),
-                f"overhead-{repeat}",
-            )
-            child = client.get_run(result.best_run_id)
-            trial_s = (child.info.end_time - child.info.start_time) / 1000
-            spans.append(trial_spans(client, child))
-        out = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "bench.plain_fit",
-                "--data",
-                data,
-                "--fraction",
-                str(fraction),
-                "--epochs",
-                str(epochs),
-                "--threads",
-                "2",
-                "--model",
-                json.dumps(bench_model()),
-            ],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            check=True,
-            env={**os.environ, "PYTHONPATH": str(ROOT)},
-        )
-        plain_s = json.loads(out.stdout.strip().splitlines()[-1])["seconds_without_data_load"]
+        # Alternate which runs first, so a drift in the VM's speed does not favour one side.
+        if repeat % 2:
+            plain_s = _plain_fit_seconds(data, fraction, epochs)
+            trial_s, span = _trial_seconds(data, fraction, epochs, repeat)
+        else:
+            trial_s, span = _trial_seconds(data, fraction, epochs, repeat)
+            plain_s = _plain_fit_seconds(data, fraction, epochs)
+        spans.append(span)
         ours.append(trial_s)
         plain.append(plain_s)
         ratios.append(trial_s / plain_s)

@@ -157,20 +157,37 @@ def log_keras_model(run_id: str, model_file: Path) -> str:
     """Log the MLflow Keras flavour (with signature) into `run_id`; return its model URI."""
     import keras
     import mlflow
-    import numpy as np
-    from mlflow.models import infer_signature
 
     model = keras.saving.load_model(model_file, safe_mode=True)
-    example = np.zeros((2, 48, 48, 1), dtype=np.float32)
-    signature = infer_signature(example, model.predict(example, verbose=0))
     with mlflow.start_run(run_id=run_id, nested=True):
         info = mlflow.keras.log_model(
             model,
             name=layout.MLFLOW_MODEL_NAME,
-            signature=signature,
+            signature=keras_signature(model),
             pip_requirements=pip_requirements(),
         )
     return info.model_uri
+
+
+def keras_signature(model: Any) -> Any:
+    """The MLflow signature of a Keras model, read from its input and output tensors.
+
+    Equal to what `infer_signature` makes of a predict on an example batch, without the
+    predict: tracing a predict function cost the driver 0.4 s per trial.
+    """
+    import numpy as np
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import Schema, TensorSpec
+
+    def schema(tensors: list[Any]) -> Any:
+        return Schema(
+            [
+                TensorSpec(np.dtype(t.dtype), tuple(-1 if d is None else int(d) for d in t.shape))
+                for t in tensors
+            ]
+        )
+
+    return ModelSignature(inputs=schema(model.inputs), outputs=schema(model.outputs))
 
 
 class MLflowTrialLogger(tune.Callback):

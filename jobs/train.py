@@ -18,15 +18,13 @@ from jobs.settings import TrainSettings, add_arguments, from_namespace
 
 def preset_configs() -> dict[str, Any]:
     """Named starting points for `--preset` (model configs)."""
-    from jobs.space import SEED2017_PARAMS
+    from jobs.space import matched_dnn
     from model.cnn import SEED2017, CNNConfig
-    from model.dnn import DNNConfig, param_matched_dnn
+    from model.dnn import DNNConfig
 
     return {
         "seed2017": SEED2017,
-        "dnn-matched": param_matched_dnn(
-            SEED2017_PARAMS, depth=3, dropout=0.3, normalization="standardize"
-        ),
+        "dnn-matched": matched_dnn(),
         "cnn-default": CNNConfig(),
         "dnn-default": DNNConfig(),
     }
@@ -78,6 +76,7 @@ def train(settings: TrainSettings) -> dict[str, Any]:
         optimizer=settings.optimizer,
         max_epochs=settings.epochs,
         seed=settings.seed,
+        lr_schedule=settings.lr_schedule,
     )
     arrays, data_info = prepare_arrays(data, settings.data_fraction, settings.seed)
     keras.utils.set_random_seed(settings.seed)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 import time
 from collections.abc import Callable
@@ -21,6 +22,9 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop")
+# "cosine": the rate falls along a half cosine over max_epochs, set at the start of each epoch
+# (by epoch, not by optimizer step, so a resume or a smaller micro-batch after an OOM keeps it).
+LR_SCHEDULES = ("constant", "cosine")
 MIN_MICRO_BATCH = 4
 LAST_MODEL = "model.keras"
 BEST_MODEL = "best.keras"
@@ -35,10 +39,15 @@ class TrainingConfig:
     optimizer: str = "adam"
     max_epochs: int = 10
     seed: int = 2017
+    lr_schedule: str = "constant"
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer: expected one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(
+                f"lr_schedule: expected one of {LR_SCHEDULES}, got {self.lr_schedule!r}"
+            )
         if self.batch_size < 1 or self.micro_batch_size < 1:
             raise ValueError(
                 f"batch_size/micro_batch_size: expected >= 1, got "
@@ -84,6 +93,14 @@ class TrainData:
     y_train: np.ndarray
     x_val: np.ndarray
     y_val: np.ndarray
+
+
+def learning_rate_at(config: TrainingConfig, epoch: int) -> float:
+    """The learning rate of epoch `epoch` (1-based) under `config.lr_schedule`."""
+    if config.lr_schedule == "cosine":
+        progress = (epoch - 1) / config.max_epochs
+        return config.learning_rate * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return config.learning_rate
 
 
 def make_optimizer(config: TrainingConfig) -> Any:
@@ -184,6 +201,7 @@ class EpochLoop:
             optimizer=self.config.optimizer,
             max_epochs=self.config.max_epochs,
             seed=self.config.seed,
+            lr_schedule=self.config.lr_schedule,
         )
 
     def _restore(self, checkpoint: Path) -> None:
@@ -229,6 +247,8 @@ class EpochLoop:
         callbacks = []
         if self.fault is not None:
             callbacks.append(self.fault.callback(epoch, self.state.micro_batch_size))
+        if self.config.lr_schedule != "constant":
+            self.model.optimizer.learning_rate = learning_rate_at(self.config, epoch)
         started = time.perf_counter()
         history = self.model.fit(
             self.data.x_train,
@@ -262,11 +282,12 @@ class EpochLoop:
                 self._recover_from_oom(error)
                 continue
             self.state.epoch = epoch
+            self.model.save(self.workdir / LAST_MODEL)
             if metrics["val_accuracy"] > self.state.best_val_accuracy:
                 self.state.best_val_accuracy = metrics["val_accuracy"]
                 self.state.best_epoch = epoch
-                self.model.save(self.workdir / BEST_MODEL)
-            self.model.save(self.workdir / LAST_MODEL)
+                # The same bytes as the model just saved: a file copy, not a second save.
+                shutil.copyfile(self.workdir / LAST_MODEL, self.workdir / BEST_MODEL)
             self.state.history.append({"epoch": epoch, **metrics})
             self.state.save(self.workdir)
             on_epoch_end(

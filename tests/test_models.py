@@ -342,3 +342,19 @@ def test_saved_keras_reloads_in_safe_mode_with_identical_predictions(
     )
     assert [layer.name for layer in reloaded.layers] == [layer.name for layer in model.layers]
     assert not any(type(layer).__name__ == "Lambda" for layer in reloaded.layers)
+
+
+def test_the_matched_dnn_is_one_config_with_seed2017s_parameter_count() -> None:
+    """The search's fixed point and the `train` preset are the same DNN, sized to SEED2017."""
+    from jobs.space import fixed_points, matched_dnn
+    from jobs.train import preset_configs
+    from model.configs import config_from_dict
+
+    dnn = matched_dnn()
+    assert abs(build_dnn(dnn, stats=_stats()).count_params() - SEED2017_PARAMS) <= 0.01 * (
+        SEED2017_PARAMS
+    )
+    assert preset_configs()["dnn-matched"] == dnn
+    (point,) = [p for p in fixed_points(("dnn",), 30, 2017) if p["name"] == "dnn-matched"]
+    assert config_from_dict(point["model"]) == dnn
+    assert point["training"]["lr_schedule"] == "cosine"

@@ -17,6 +17,7 @@ from jobs.training import (
     InjectedOOM,
     TrainData,
     TrainingConfig,
+    learning_rate_at,
 )
 
 
@@ -46,6 +47,26 @@ def test_config_validation() -> None:
     with pytest.raises(ValueError, match="optimizer"):
         TrainingConfig(optimizer="lbfgs")
     assert TrainingConfig(batch_size=64, micro_batch_size=16).accumulation_steps == 4
+    with pytest.raises(ValueError, match="lr_schedule"):
+        TrainingConfig(lr_schedule="step")
+
+
+@pytest.mark.parametrize("micro_batch", [16, 8])
+def test_cosine_schedule_falls_by_epoch(tmp_path: Path, data: TrainData, micro_batch: int) -> None:
+    """Each epoch trains at its point on a half cosine over max_epochs, with or without
+    gradient accumulation (Keras schedules count micro-steps; ours counts epochs)."""
+    config = TrainingConfig(
+        batch_size=16,
+        micro_batch_size=micro_batch,
+        learning_rate=0.01,
+        max_epochs=4,
+        lr_schedule="cosine",
+    )
+    loop = EpochLoop(tiny_model, data, config, tmp_path)
+    rates = []
+    loop.run(lambda metrics, _: rates.append(float(loop.model.optimizer.learning_rate)))
+    assert rates == pytest.approx([0.01, 0.008536, 0.005, 0.001464], abs=1e-6)
+    assert learning_rate_at(TrainingConfig(learning_rate=0.01), 7) == 0.01  # constant
 
 
 def test_loop_checkpoints_every_epoch_and_keeps_the_best(tmp_path: Path, data: TrainData) -> None:

@@ -140,6 +140,7 @@ def _question_1(facts: ReportFacts) -> list[Block]:
         for key in (
             "optimizer",
             "learning_rate",
+            "lr_schedule",
             "batch_size",
             "micro_batch_size",
             "max_epochs",
