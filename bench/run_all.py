@@ -224,15 +224,25 @@ def details(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _merged_note(meta: dict[str, Any]) -> str:
+def _merged_note(meta: dict[str, Any], results: dict[str, Any]) -> str:
     earlier = meta.get("merged_from")
     if not earlier:
         return ""
-    return (
-        f"\nOnly {meta.get('only')} ran in this run; the other figures come from the full run "
+    ran = meta.get("only", "")
+    if "--with-budget" in meta.get("command", "") and "budget" not in ran.split(","):
+        ran += " and the budget search"
+    note = (
+        f"\nOnly {ran} ran in this run; the other figures come from the full run "
         f"of {earlier.get('date')} (commit `{earlier.get('commit')}`, `{earlier.get('command')}`,"
-        f" load average {earlier.get('load_average_before')})."
+        f" load average {earlier.get('load_average_before')})"
     )
+    if "--with-budget" not in meta.get("command", "") and "budget_run_date" in results:
+        # The budget search is stored apart (budget_search.json) and has its own provenance.
+        note += (
+            f", except the budget search's, which come from its run of "
+            f"{results['budget_run_date']} (commit `{results.get('budget_commit')}`)"
+        )
+    return note + "."
 
 
 def write_markdown(results: dict[str, Any], path: Path) -> None:
@@ -243,7 +253,7 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
             f"Machine: {meta.get('machine', '?')}. Date: {meta.get('date', '?')}. "
             f"Commit: `{meta.get('commit', '?')}`. Command: `{meta.get('command', 'make bench')}`."
             f" Load average before the run: {meta.get('load_average_before', '?')}.",
-            _merged_note(meta),
+            _merged_note(meta, results),
             "",
             table(results),
             "",

@@ -281,7 +281,7 @@ def run_search(
     from jobs.cli import configure_s3_retries
     from jobs.resources import budget_from_nodes
     from jobs.tracking import MLflowTrialLogger, quick_failing_client_env
-    from jobs.trial import train_trial
+    from jobs.trial import sweep_workdirs, train_trial
 
     started = time.time()
     quick_failing_client_env()
@@ -361,6 +361,7 @@ def run_search(
                 "plans": {e["plan"]["name"]: _trial_config(e, fault_injection) for e in runnable},
             }
             grid = _fit(settings, trainable, param_space, tune_path, logger, parent is not None)
+            sweep_workdirs()  # the local trials Tune stopped (their processes are gone)
             _reconcile(grid, logger)
             logger.queue.drain(TRACKING_DRAIN_S)
         _finalise(client, parent_id, settings, result)

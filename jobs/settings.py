@@ -53,7 +53,7 @@ class TrainSettings:
     optimizer: str = "adam"
     data_fraction: float = 1.0
     seed: int = 2017
-    lr_schedule: str = "constant"  # or "cosine" (to 0 over the epochs)
+    lr_schedule: str = "constant"  # or "cosine" (a half cosine over the epochs)
 
 
 @dataclass

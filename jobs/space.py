@@ -155,8 +155,8 @@ def fixed_points(families: tuple[str, ...], max_epochs: int, seed: int) -> list[
             {"name": "cnn-fast", "model": config_to_dict(FAST_CNN), "training": dict(training)}
         )
     if "dnn" in families:
-        # A cosine schedule: the DNN runs all max_epochs inside the budget and plateaus at a
-        # constant rate; the CNNs usually stop early (ASHA, time budget) and keep theirs.
+        # A cosine schedule: the DNN runs all max_epochs inside a budget, and at a constant
+        # rate it plateaus; the CNNs usually stop early (ASHA, time budget) and keep theirs.
         points.append(
             {
                 "name": "dnn-matched",

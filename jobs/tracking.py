@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -370,6 +371,9 @@ class MLflowTrialLogger(tune.Callback):
             for key, value in tags.items():
                 self.client.set_tag(run_id, key, value)
             self.client.set_terminated(run_id, status)
+            if staged is not None:
+                # Only once everything is sent: a retry after an outage needs the files.
+                shutil.rmtree(staged, ignore_errors=True)
 
         self._ensure_run_for(trial_id, config)
         self.queue.submit(f"completion of trial {trial_id}", finish)

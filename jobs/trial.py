@@ -8,12 +8,47 @@ SQLite store free of lock contention and lets one place buffer while a server is
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from jobs.training import EpochLoop, InjectedOOM, TrainData, TrainingConfig
+
+WORKDIR_PREFIX = "fer-trial-"
+
+
+def make_workdir() -> Path:
+    """A fresh local directory for this trial's epoch files, named after this process.
+
+    Tune stops a trial (ASHA, time budget, a failure) by killing its process, so the trial's
+    own cleanup never runs: the directory of a trial whose process is gone is swept here, by
+    the next trial on the node, and by the driver when the search ends.
+    """
+    sweep_workdirs()
+    return Path(tempfile.mkdtemp(prefix=f"{WORKDIR_PREFIX}{os.getpid()}-"))
+
+
+def sweep_workdirs(root: Path | None = None) -> int:
+    """Remove trial directories under `root` (the temp dir) whose process has exited."""
+    removed = 0
+    for path in Path(root or tempfile.gettempdir()).glob(f"{WORKDIR_PREFIX}*-*"):
+        pid = path.name[len(WORKDIR_PREFIX) :].split("-", 1)[0]
+        if pid.isdigit() and not _process_alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+            removed += 1
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
 
 
 def configure_tensorflow(cpus: float, gpu_memory_mb: float) -> None:
@@ -92,7 +127,7 @@ def train_trial(config: dict[str, Any], data: dict[str, Any] | None = None) -> N
     )
     kill_spec = fault_spec.get("kill_at_epoch")
 
-    workdir = Path(tempfile.mkdtemp(prefix="fer-trial-"))
+    workdir = make_workdir()
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
         restored = Path(checkpoint.to_directory(str(workdir / "restored")))
@@ -133,4 +168,8 @@ def train_trial(config: dict[str, Any], data: dict[str, Any] | None = None) -> N
             Path(marker).write_text(str(os.getpid()))
             os._exit(137)
 
-    loop.run(report)
+    try:
+        loop.run(report)
+    finally:
+        # Each report already copied its checkpoint into Tune's storage.
+        shutil.rmtree(workdir, ignore_errors=True)

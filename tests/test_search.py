@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import mlflow
@@ -83,8 +84,12 @@ def test_search_refuses_what_fits_no_worker_and_tracks_the_rest(
     )
     largest = "cnn-003"
 
+    staging = Path(tempfile.gettempdir())
+    staged_before = set(staging.glob("fer-model-*"))
     result = run_search(settings)
 
+    # Each model was staged for upload in the temp dir, and removed once logged.
+    assert set(staging.glob("fer-model-*")) == staged_before
     # The experiment was found by name without exporting its id into this process.
     assert "MLFLOW_EXPERIMENT_ID" not in os.environ
     assert largest in result.refused

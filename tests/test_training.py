@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import keras
@@ -143,3 +144,27 @@ def test_oom_gives_up_below_the_minimum(tmp_path: Path, data: TrainData) -> None
     )
     with pytest.raises(RuntimeError, match="cannot halve"):
         loop.run(lambda *_: None)
+
+
+def test_sweep_removes_only_the_directories_of_exited_trials(tmp_path: Path) -> None:
+    """Tune kills a stopped trial's process, so its own cleanup never runs: the sweep must
+    remove what such trials left and keep what running ones use."""
+    import subprocess
+    import sys
+
+    from jobs.trial import WORKDIR_PREFIX, sweep_workdirs
+
+    exited = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    dead = tmp_path / f"{WORKDIR_PREFIX}{exited.stdout.strip()}-abc"
+    alive = tmp_path / f"{WORKDIR_PREFIX}{os.getpid()}-def"
+    unrelated = tmp_path / f"{WORKDIR_PREFIX}old-style"
+    for directory in (dead, alive, unrelated):
+        (directory / "current").mkdir(parents=True)
+        (directory / "current" / LAST_MODEL).write_bytes(b"x" * 1024)
+    assert sweep_workdirs(tmp_path) == 1
+    assert not dead.exists() and alive.exists() and unrelated.exists()
