@@ -512,7 +512,12 @@ def test_03_tracking_server_down_at_start_is_one_clear_line(tmp_path: Path) -> N
 @pytest.mark.timeout(1200)
 def test_04_eight_concurrent_trials_on_sqlite(tmp_path: Path) -> None:
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    env = job_env(MLFLOW_TRACKING_URI=uri, MLFLOW_EXPERIMENT_NAME="t04")
+    # All eight must run at once to load SQLite with eight writers. A local search starts its
+    # trials one after another (one pending at a time keeps the plan order), and a tiny trial
+    # can end before the eighth starts: let Tune request all eight together here.
+    env = job_env(
+        MLFLOW_TRACKING_URI=uri, MLFLOW_EXPERIMENT_NAME="t04", TUNE_MAX_PENDING_TRIALS_PG="8"
+    )
     cmd = search_cmd(
         write_fer_csv(tmp_path / "fer.csv"),
         tmp_path / "tune",

@@ -233,3 +233,17 @@ def test_pending_trials_are_capped_only_for_a_local_search(
     with _trials_in_plan_order():
         assert os.environ[PENDING_TRIALS_ENV] == "8"
     assert os.environ[PENDING_TRIALS_ENV] == "8"
+
+
+def test_logged_signature_matches_what_a_predict_would_infer() -> None:
+    import keras
+    import numpy as np
+    from mlflow.models import infer_signature
+
+    from jobs.tracking import keras_signature
+    from model.configs import DNNConfig, build_model
+
+    model = build_model(DNNConfig(hidden_units=(8,), normalization="rescale"))
+    example = np.zeros((2, 48, 48, 1), dtype=np.float32)
+    assert keras_signature(model) == infer_signature(example, model.predict(example, verbose=0))
+    keras.backend.clear_session()
