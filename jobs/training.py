@@ -13,7 +13,7 @@ import math
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -194,15 +194,8 @@ class EpochLoop:
             compile_model(self.model, self._effective_config())
 
     def _effective_config(self) -> TrainingConfig:
-        return TrainingConfig(
-            batch_size=self.config.batch_size,
-            micro_batch_size=self.state.micro_batch_size,
-            learning_rate=self.config.learning_rate,
-            optimizer=self.config.optimizer,
-            max_epochs=self.config.max_epochs,
-            seed=self.config.seed,
-            lr_schedule=self.config.lr_schedule,
-        )
+        # The configured run at the micro-batch in use now (smaller after an OOM).
+        return replace(self.config, micro_batch_size=self.state.micro_batch_size)
 
     def _restore(self, checkpoint: Path) -> None:
         import keras
