@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -48,7 +49,7 @@ def log_model_files(
     digest = sha256_file(model_file)
     with tempfile.TemporaryDirectory() as tmp:
         staged = Path(tmp)
-        (staged / MODEL_FILE).write_bytes(model_file.read_bytes())
+        shutil.copyfile(model_file, staged / MODEL_FILE)
         (staged / SHA_FILE).write_text(digest + "\n")
         (staged / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True))
         client.log_artifacts(run_id, str(staged), MODEL_DIR)

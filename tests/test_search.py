@@ -235,15 +235,37 @@ def test_pending_trials_are_capped_only_for_a_local_search(
     assert os.environ[PENDING_TRIALS_ENV] == "8"
 
 
-def test_logged_signature_matches_what_a_predict_would_infer() -> None:
+@pytest.mark.parametrize("family", ["cnn", "dnn"])
+def test_logged_signature_matches_what_a_predict_would_infer(family: str, tmp_path: Path) -> None:
     import keras
     import numpy as np
     from mlflow.models import infer_signature
 
-    from jobs.tracking import keras_signature
-    from model.configs import DNNConfig, build_model
+    from jobs.tracking import fer_signature
+    from model.configs import CNNConfig, DNNConfig, build_model
 
-    model = build_model(DNNConfig(hidden_units=(8,), normalization="rescale"))
+    config = (
+        CNNConfig(filters=(4,), dense_units=(8,), normalization="rescale")
+        if family == "cnn"
+        else DNNConfig(hidden_units=(8,), normalization="rescale")
+    )
+    model = build_model(config)
+    model.save(tmp_path / "model.keras")
     example = np.zeros((2, 48, 48, 1), dtype=np.float32)
-    assert keras_signature(model) == infer_signature(example, model.predict(example, verbose=0))
+    inferred = infer_signature(example, model.predict(example, verbose=0))
+    assert fer_signature(tmp_path / "model.keras") == inferred
+    keras.backend.clear_session()
+
+
+def test_signature_refuses_a_model_file_with_other_inputs(tmp_path: Path) -> None:
+    import keras
+
+    from jobs.tracking import fer_signature
+
+    inputs = keras.Input(shape=(32, 32, 3))
+    outputs = keras.layers.Dense(7, activation="softmax")(keras.layers.Flatten()(inputs))
+    path = tmp_path / "other.keras"
+    keras.Model(inputs, outputs).save(path)
+    with pytest.raises(ValueError, match=r"other\.keras: expected one float32 input of shape"):
+        fer_signature(path)
     keras.backend.clear_session()
