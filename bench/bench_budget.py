@@ -54,6 +54,7 @@ def summarise(tracking_uri: str, experiment: str) -> dict[str, Any]:
                 "status": run.data.tags.get("fer.trial_status", run.info.status),
                 "param_count": int(run.data.params.get("param_count", 0) or 0),
                 "epochs_done": int(run.data.tags.get("fer.epochs_done", 0) or 0),
+                "stop_reason": run.data.tags.get("fer.stop_reason"),
                 "best_val_accuracy": run.data.metrics.get("best_val_accuracy"),
                 "images_per_second_median": statistics.median(speed) if speed else None,
             }
@@ -73,14 +74,23 @@ def summarise(tracking_uri: str, experiment: str) -> dict[str, Any]:
             "%Y-%m-%d %H:%M UTC", time.gmtime(parent.info.start_time / 1000)
         ),
         "budget_trials": sorted(trials, key=lambda t: -(t["best_val_accuracy"] or 0)),
-        # Stopped before max_epochs, by ASHA or by the time budget (the tag does not say which).
+        # Stopped before max_epochs, by ASHA or by the time budget (`stop_reason`; runs made
+        # before that tag existed have none).
         "budget_trials_stopped_early": sum(t["status"] == "early_stopped" for t in trials),
+        "budget_trials_stopped_by_scheduler": sum(t["stop_reason"] == "scheduler" for t in trials),
     }
 
 
 def run(data: str, budget_min: float = 60.0) -> dict[str, Any]:
     workdir = Path(tempfile.mkdtemp(prefix="fer-budget-"))
     uri = f"sqlite:///{workdir}/mlflow.db"
+    # Kept after the run (an hour's trials and checkpoints): say where, and how to re-read it.
+    print(
+        f"budget search: tracking store and Tune storage in {workdir} "
+        f"(re-read with: python -m bench.bench_budget --summarise {uri})",
+        file=sys.stderr,
+        flush=True,
+    )
     # An experiment id or run id in the caller's environment would make `mlflow run` refuse
     # the experiment name given here.
     inherited = {
@@ -120,6 +130,7 @@ def run(data: str, budget_min: float = 60.0) -> dict[str, Any]:
         ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
     ).stdout.strip()
     result["budget_commit"] = commit
+    result["budget_tracking_uri"] = uri
     return result
 
 

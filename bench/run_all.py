@@ -199,7 +199,8 @@ def details(results: dict[str, Any]) -> str:
     if "budget_trials" in results:
         trials = "; ".join(
             f"{t['name']} {_fmt(t['best_val_accuracy'])} after {t['epochs_done']} epochs "
-            f"({t['status']}, {_fmt(t.get('images_per_second_median'))} img/s)"
+            f"({t['status']}{' by ' + t['stop_reason'] if t.get('stop_reason') else ''}, "
+            f"{_fmt(t.get('images_per_second_median'))} img/s)"
             for t in results["budget_trials"]
         )
         lines.append(

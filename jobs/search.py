@@ -351,7 +351,14 @@ def run_search(
         if not runnable:
             log.error("no trial fits any worker (%s)", budget.describe())
         else:
-            logger = MLflowTrialLogger(tracking_uri, experiment_id, parent_id, by_name, data_info)
+            logger = MLflowTrialLogger(
+                tracking_uri,
+                experiment_id,
+                parent_id,
+                by_name,
+                data_info,
+                time_budget_s=settings.time_budget_min * 60,
+            )
             trainable = tune.with_resources(
                 tune.with_parameters(train_trial, data=arrays), resources=_trial_resources
             )

@@ -37,6 +37,9 @@ EPOCH_METRICS = (
 )
 # In the first result after a trial (re)starts only: TF import, data, model build.
 START_METRICS = ("setup_seconds",)
+# On early-stopped trials: "scheduler" (ASHA) or "time_budget" (see _stop_reason).
+TAG_STOP_REASON = "fer.stop_reason"
+STOP_MARGIN_S = 10.0
 # Errors that will not go away by retrying (bad value, duplicate): drop the op, don't block.
 _PERMANENT = {"INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST"}
 
@@ -57,33 +60,49 @@ class TrackingQueue:
 
     def __init__(self, client: MlflowClient) -> None:
         self.client = client
-        self.pending: list[tuple[str, Callable[[], Any]]] = []
+        self.pending: list[tuple[str, Callable[[], Any], Callable[[], Any] | None]] = []
         self.last_error: str = ""
         self.dropped = 0
 
-    def submit(self, what: str, operation: Callable[[], Any]) -> None:
-        self.pending.append((what, operation))
+    def submit(
+        self, what: str, operation: Callable[[], Any], cleanup: Callable[[], Any] | None = None
+    ) -> None:
+        """Queue `operation`; `cleanup` runs once it is sent, refused for good, or given up on
+        (local files an operation uploads must outlive its retries, and no longer)."""
+        self.pending.append((what, operation, cleanup))
         self.flush()
 
     def flush(self) -> bool:
         """Send what is queued, in order; False if the store is still unreachable."""
         while self.pending:
-            what, operation = self.pending[0]
+            what, operation, _ = self.pending[0]
             try:
                 operation()
             except MlflowException as error:
                 if error.error_code in _PERMANENT:
                     log.warning("MLflow refused %s: %s (dropped)", what, error.message[:300])
                     self.dropped += 1
-                    self.pending.pop(0)
+                    self._pop()
                     continue
                 self._remember(what, error)
                 return False
             except Exception as error:  # connection refused, timeout, 5xx from a proxy
                 self._remember(what, error)
                 return False
-            self.pending.pop(0)
+            self._pop()
         return True
+
+    def _pop(self) -> None:
+        _, _, cleanup = self.pending.pop(0)
+        if cleanup is not None:
+            cleanup()
+
+    def abandon(self) -> int:
+        """Give up on every queued write (running their cleanups); return how many there were."""
+        count = len(self.pending)
+        while self.pending:
+            self._pop()
+        return count
 
     def _remember(self, what: str, error: Exception) -> None:
         message = f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"
@@ -102,12 +121,14 @@ class TrackingQueue:
         delay = 1.0
         while not self.flush():
             if time.monotonic() >= deadline:
-                raise TrackingUnavailable(
+                message = (
                     f"the MLflow tracking store ({self.client.tracking_uri}) stayed unreachable "
                     f"for {timeout_s:.0f} s: {len(self.pending)} write(s) not sent, first: "
                     f"{self.pending[0][0]}; last error: {self.last_error}. Trial checkpoints "
                     f"are kept in Tune storage."
                 )
+                self.abandon()
+                raise TrackingUnavailable(message)
             time.sleep(delay)
             delay = min(delay * 2, 10.0)
 
@@ -237,12 +258,14 @@ class MLflowTrialLogger(tune.Callback):
         parent_run_id: str,
         plans: dict[str, dict[str, Any]],
         data_info: dict[str, Any],
+        time_budget_s: float | None = None,
     ) -> None:
         self.tracking_uri = tracking_uri
         self.experiment_id = experiment_id
         self.parent_run_id = parent_run_id
         self.plans = plans  # plan name -> {"plan": ..., "placement": ...}
         self.data_info = data_info
+        self.time_budget_s = time_budget_s
         self._init_state()
 
     def _init_state(self) -> None:
@@ -251,10 +274,19 @@ class MLflowTrialLogger(tune.Callback):
         self.run_ids: dict[str, str] = {}
         self.logged_epochs: dict[str, set[int]] = {}
         self.completed: set[str] = set()
+        # When Tune's time budget runs out (set as the experiment starts; None: no budget).
+        self.deadline: float | None = None
 
     # Tune pickles its callbacks with the experiment state; clients and queues are rebuilt.
     def __getstate__(self) -> dict[str, Any]:
-        keep = ("tracking_uri", "experiment_id", "parent_run_id", "plans", "data_info")
+        keep = (
+            "tracking_uri",
+            "experiment_id",
+            "parent_run_id",
+            "plans",
+            "data_info",
+            "time_budget_s",
+        )
         return {key: self.__dict__[key] for key in keep}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -271,6 +303,8 @@ class MLflowTrialLogger(tune.Callback):
         return {run.data.tags.get(layout.TAG_TRIAL_ID, ""): run for run in runs}
 
     def setup(self, **info: Any) -> None:
+        if self.time_budget_s is not None:
+            self.deadline = time.time() + self.time_budget_s
         # Re-attach to child runs of a restored search instead of creating duplicates.
         try:
             for trial_id, run in self._existing_children().items():
@@ -384,6 +418,9 @@ class MLflowTrialLogger(tune.Callback):
             status, tag = "FINISHED", "early_stopped"
         else:
             status, tag = "FINISHED", "finished"
+        extra_tags = {}
+        if tag == "early_stopped":
+            extra_tags[TAG_STOP_REASON] = self._stop_reason()
 
         staged: Path | None = None
         if checkpoint is not None and error is None:
@@ -398,7 +435,7 @@ class MLflowTrialLogger(tune.Callback):
 
         def finish() -> None:
             run_id = self.run_ids[trial_id]
-            tags = {layout.TAG_STATUS: tag, "fer.epochs_done": str(epochs_done)}
+            tags = {layout.TAG_STATUS: tag, "fer.epochs_done": str(epochs_done), **extra_tags}
             if error:
                 tags["fer.error"] = error[-4000:]
             if staged is not None and (staged / "best.keras").exists():
@@ -406,12 +443,24 @@ class MLflowTrialLogger(tune.Callback):
                 tags["fer.model_uri"] = log_keras_model(run_id, staged / "best.keras")
             self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
             self.client.set_terminated(run_id, status)
+
+        def remove_staged() -> None:
             if staged is not None:
-                # Only once everything is sent: a retry after an outage needs the files.
                 shutil.rmtree(staged, ignore_errors=True)
 
         self._ensure_run_for(trial_id, config)
-        self.queue.submit(f"completion of trial {trial_id}", finish)
+        self.queue.submit(f"completion of trial {trial_id}", finish, cleanup=remove_staged)
+
+    def _stop_reason(self) -> str:
+        """Why a trial ended before max_epochs: Tune's time budget, or the scheduler (ASHA).
+
+        Tune stops every running trial once the budget is spent, so a stop at (or within
+        STOP_MARGIN_S before, since this clock starts a moment after Tune's) the deadline is
+        the budget's; any earlier stop is a scheduler decision.
+        """
+        if self.deadline is not None and time.time() >= self.deadline - STOP_MARGIN_S:
+            return "time_budget"
+        return "scheduler"
 
     def close_run(self, trial_id: str, status: str) -> None:
         """End a trial's child run (if it has one) without a model."""

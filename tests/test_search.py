@@ -14,6 +14,7 @@ from jobs import artifacts as layout
 from jobs.resources import GIB, MIB, WorkerBudget, budget_from_nodes, place
 from jobs.search import plan_trials, run_search
 from jobs.settings import SearchSettings
+from jobs.tracking import TAG_STOP_REASON
 from viz_helpers import write_fer_csv
 
 
@@ -112,6 +113,9 @@ def test_search_refuses_what_fits_no_worker_and_tracks_the_rest(
     for run in trained:
         assert run.info.status == "FINISHED", run.data.tags.get("fer.error")
         assert run.data.tags[layout.TAG_STATUS] in {"finished", "early_stopped"}
+        if run.data.tags[layout.TAG_STATUS] == "early_stopped":
+            # Minutes inside a 10-minute budget: only ASHA can have stopped it.
+            assert run.data.tags[TAG_STOP_REASON] == "scheduler"
         for key in ("family", "param_count", "estimated_memory_mb"):
             assert key in run.data.params
         steps = [m.step for m in tracking.get_metric_history(run.info.run_id, "val_accuracy")]
