@@ -77,7 +77,7 @@ def run_all(data: str, with_budget: bool, only: list[str] | None) -> dict[str, A
     steps = {
         "load": lambda: bench_load.run(data, repeats=5),
         "memory": lambda: bench_memory.run(),
-        "search": lambda: bench_search.run(data, repeats=7),
+        "search": lambda: bench_search.run(data, repeats=11),
         "viz": lambda: __import__("bench.bench_viz", fromlist=["run"]).run(data=data, repeats=3),
         "kerastuner": lambda: bench_kerastuner.run(data),
     }
