@@ -97,12 +97,10 @@ class TrackingQueue:
         if cleanup is not None:
             cleanup()
 
-    def abandon(self) -> int:
-        """Give up on every queued write (running their cleanups); return how many there were."""
-        count = len(self.pending)
+    def abandon(self) -> None:
+        """Give up on every queued write, running their cleanups."""
         while self.pending:
             self._pop()
-        return count
 
     def _remember(self, what: str, error: Exception) -> None:
         message = f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"
