@@ -6,7 +6,12 @@
   (Ray actor, object-store data, a checkpoint per epoch, MLflow metrics, model logging) timed
   from the child run's start to its end, and (b) as a plain script (`bench/plain_fit.py`):
   interpreter and TensorFlow start, model build, `model.fit`, timed without its data load.
-  Both use the same two threads.
+  Paired: both sides run at the same time with one core and one thread each, the cores swapped
+  every second (`bench/core_rotation.py`), so both meet the same drifting speeds of this shared
+  VM. Our side's core also carries the driver and every Ray process, so their work counts
+  against us. The plain script feeds `fit` NumPy arrays, as users write it.
+- `same_pipeline_trial_overhead_ratio`: the same, with the plain script feeding `fit` the input
+  pipeline our trials use (`model/batches.py`): what our machinery alone costs.
 - `concurrency_speedup`: four identical small trials with the machine's cores shared by
   concurrent trials (1 CPU each) vs one trial at a time (all cores each); trials/hour ratio.
 """
@@ -16,10 +21,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sqlite3
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -130,70 +137,155 @@ def trial_spans(client: Any, run: Any) -> dict[str, float]:
     return spans
 
 
-def _plain_fit_seconds(data: str, fraction: float, epochs: int) -> float:
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bench.plain_fit",
-            "--data",
-            data,
-            "--fraction",
-            str(fraction),
-            "--epochs",
-            str(epochs),
-            "--threads",
-            "2",
-            "--model",
-            json.dumps(bench_model()),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=True,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
-    return json.loads(out.stdout.strip().splitlines()[-1])["seconds_without_data_load"]
+def _plain_command(
+    data: str, fraction: float, epochs: int, pipeline: str, start_after: Path
+) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "bench.plain_fit",
+        "--data",
+        data,
+        "--fraction",
+        str(fraction),
+        "--epochs",
+        str(epochs),
+        "--threads",
+        "1",
+        "--pipeline",
+        pipeline,
+        "--model",
+        json.dumps(bench_model()),
+        "--start-after",
+        str(start_after),
+    ]
 
 
-def _trial_seconds(
-    data: str, fraction: float, epochs: int, repeat: int
-) -> tuple[float, dict[str, float]]:
+def _plain_env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(ROOT)}
+
+
+def _plain_result(stdout: str) -> float:
+    return json.loads(stdout.strip().splitlines()[-1])["seconds_without_data_load"]
+
+
+def _child_run_exists(database: Path) -> bool:
+    """Whether the search has created its trial's child run (read-only: never creates the DB)."""
+    if not database.exists():
+        return False
+    try:
+        connection = sqlite3.connect(f"file:{database}?mode=ro", uri=True, timeout=1)
+        try:
+            row = connection.execute(
+                "SELECT count(*) FROM tags WHERE key = 'mlflow.parentRunId'"
+            ).fetchone()
+        finally:
+            connection.close()
+    except sqlite3.Error:
+        return False  # tables not created yet, or locked for a moment
+    return bool(row and row[0])
+
+
+def _paired_repeat(
+    data: str, fraction: float, epochs: int, repeat: int, pipeline: str
+) -> tuple[float, float, dict[str, float]]:
+    """One trial and one plain script at the same time, one core each, cores swapped each second.
+
+    The plain script waits until the trial's child run exists, so both clocks start together.
+    """
+    from bench.core_rotation import CoreRotation, children_by_parent, process_tree
+
     with tempfile.TemporaryDirectory() as tmp:
-        result, client = _search(
-            data,
-            fraction,
-            epochs,
-            [_plan("overhead", epochs)],
-            2.0,
-            Path(tmp),
-            f"overhead-{repeat}",
+        workdir = Path(tmp)
+        go = workdir / "go"
+        plain = subprocess.Popen(
+            _plain_command(data, fraction, epochs, pipeline, start_after=go),
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=_plain_env(),
         )
+        driver = os.getpid()
+
+        def plain_side() -> set[int]:
+            return process_tree(plain.pid) if plain.poll() is None else set()
+
+        def our_side() -> set[int]:
+            # The driver, Ray's daemons and workers: all this process started but the script.
+            children = children_by_parent()
+            return process_tree(driver, children) - process_tree(plain.pid, children)
+
+        stop = threading.Event()
+
+        def release_plain() -> None:
+            while not stop.wait(0.1):
+                if _child_run_exists(workdir / "mlflow.db"):
+                    go.touch()
+                    return
+
+        watcher = threading.Thread(target=release_plain, name="release-plain", daemon=True)
+        watcher.start()
+        # Alternate which core each side starts on.
+        cores = (0, 1) if repeat % 2 == 0 else (1, 0)
+        try:
+            with CoreRotation(our_side, plain_side, cores=cores) as rotation:
+                result, client = _search(
+                    data,
+                    fraction,
+                    epochs,
+                    [_plan("overhead", epochs)],
+                    1.0,
+                    workdir,
+                    f"paired-{pipeline}-{repeat}",
+                )
+                stdout, stderr = plain.communicate(timeout=3600)
+        finally:
+            stop.set()
+            watcher.join()
+            if plain.poll() is None:
+                plain.kill()
+                plain.wait()
+        if plain.returncode != 0:
+            raise RuntimeError(f"bench.plain_fit failed ({plain.returncode}): {stderr[-2000:]}")
         child = client.get_run(result.best_run_id)
-        return (child.info.end_time - child.info.start_time) / 1000, trial_spans(client, child)
+        trial_s = (child.info.end_time - child.info.start_time) / 1000
+        ours_cpu, plain_cpu = rotation.cpu_by_name()
+        print(f"   CPU seconds, our side: {_top(ours_cpu)}; plain side: {_top(plain_cpu)}")
+        return trial_s, _plain_result(stdout), trial_spans(client, child)
 
 
-def trial_overhead(data: str, fraction: float, epochs: int, repeats: int) -> dict[str, Any]:
+def _top(cpu: dict[str, float], n: int = 5) -> str:
+    ranked = sorted(cpu.items(), key=lambda item: -item[1])[:n]
+    return ", ".join(f"{name} {seconds:.1f}" for name, seconds in ranked)
+
+
+def paired_overhead(
+    data: str, fraction: float, epochs: int, repeats: int, pipeline: str = "arrays"
+) -> dict[str, Any]:
+    """`trial_overhead_ratio` from `repeats` paired runs (see the module docstring); with
+    `pipeline="batches"` the keys start with `same_pipeline_`."""
     ratios, ours, plain = [], [], []
     spans: list[dict[str, float]] = []
     for repeat in range(repeats):
-        # Alternate which runs first, so a drift in the VM's speed does not favour one side.
-        if repeat % 2:
-            plain_s = _plain_fit_seconds(data, fraction, epochs)
-            trial_s, span = _trial_seconds(data, fraction, epochs, repeat)
-        else:
-            trial_s, span = _trial_seconds(data, fraction, epochs, repeat)
-            plain_s = _plain_fit_seconds(data, fraction, epochs)
+        trial_s, plain_s, span = _paired_repeat(data, fraction, epochs, repeat, pipeline)
+        print(
+            f"   paired ({pipeline}) {repeat + 1}/{repeats}: trial {trial_s:.1f} s, "
+            f"plain {plain_s:.1f} s, ratio {trial_s / plain_s:.3f}",
+            flush=True,
+        )
         spans.append(span)
         ours.append(trial_s)
         plain.append(plain_s)
         ratios.append(trial_s / plain_s)
+    prefix = "" if pipeline == "arrays" else "same_pipeline_"
     return {
-        "trial_overhead_ratio": _summary(ratios),
-        "trial_seconds": _summary(ours),
-        "plain_fit_seconds": _summary(plain),
+        f"{prefix}trial_overhead_ratio": _summary(ratios),
+        f"{prefix}trial_overhead_ratios": ratios,
+        f"{prefix}trial_seconds": _summary(ours),
+        f"{prefix}plain_fit_seconds": _summary(plain),
         # Medians over the repeats of where the trial's time went (see trial_spans).
-        "trial_span_seconds": {
+        f"{prefix}trial_span_seconds": {
             key: statistics.median(span[key] for span in spans) for key in spans[0]
         },
         "epochs": epochs,
@@ -221,13 +313,21 @@ def concurrency(data: str, fraction: float, epochs: int, trials: int) -> dict[st
 
 
 def run(
-    data: str, fraction: float = 0.1, epochs: int = 3, repeats: int = 1, concurrency_trials: int = 4
+    data: str,
+    fraction: float = 0.1,
+    epochs: int = 3,
+    repeats: int = 1,
+    same_pipeline_repeats: int = 0,
+    concurrency_trials: int = 4,
 ) -> dict[str, Any]:
     from jobs.search import init_ray
 
     init_ray()
-    results = trial_overhead(data, fraction, epochs, repeats)
-    results.update(concurrency(data, fraction / 2, 2, concurrency_trials))
+    results = paired_overhead(data, fraction, epochs, repeats)
+    if same_pipeline_repeats:
+        results.update(paired_overhead(data, fraction, epochs, same_pipeline_repeats, "batches"))
+    if concurrency_trials:
+        results.update(concurrency(data, fraction / 2, 2, concurrency_trials))
     return results
 
 
@@ -237,11 +337,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fraction", type=float, default=0.1)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--same-pipeline-repeats", type=int, default=0)
+    parser.add_argument("--concurrency-trials", type=int, default=4, help="0 skips it")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     if not args.data:
         parser.error("--data or FER2013_PATH is required")
-    results = run(args.data, args.fraction, args.epochs, args.repeats)
+    results = run(
+        args.data,
+        args.fraction,
+        args.epochs,
+        args.repeats,
+        args.same_pipeline_repeats,
+        args.concurrency_trials,
+    )
     text = json.dumps(results, indent=2)
     print(text)
     if args.json:

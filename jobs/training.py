@@ -186,6 +186,9 @@ class EpochLoop:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.fault = fault
+        # Tensors made once (not per epoch), and the validation batches per micro-batch size.
+        self._tensors: tuple[Any, Any, Any, Any] | None = None
+        self._val_batches: tuple[int, Any] | None = None
         if resume_from is not None and (Path(resume_from) / STATE_FILE).exists():
             self._restore(Path(resume_from))
         else:
@@ -234,23 +237,42 @@ class EpochLoop:
         if old_optimizer is not None and old_optimizer.built:
             _transfer_optimizer_state(old_optimizer, self.model.optimizer, self.model)
 
-    def _one_epoch(self, epoch: int) -> dict[str, float]:
-        import tensorflow as tf  # noqa: F401  (OOM type lives there)
+    def _batches(self, epoch: int) -> tuple[Any, Any]:
+        """This epoch's shuffled training batches and the validation batches (see
+        model/batches.py for why not `fit(x, y)`)."""
+        import tensorflow as tf
 
+        from model.batches import array_batches, epoch_seed
+
+        if self._tensors is None:
+            data = self.data
+            self._tensors = tuple(
+                tf.convert_to_tensor(array)
+                for array in (data.x_train, data.y_train, data.x_val, data.y_val)
+            )
+        x_train, y_train, x_val, y_val = self._tensors
+        micro = self.state.micro_batch_size
+        if self._val_batches is None or self._val_batches[0] != micro:
+            self._val_batches = (micro, array_batches(x_val, y_val, micro))
+        train = array_batches(
+            x_train, y_train, micro, shuffle_seed=epoch_seed(self.config.seed, epoch)
+        )
+        return train, self._val_batches[1]
+
+    def _one_epoch(self, epoch: int) -> dict[str, float]:
         callbacks = []
         if self.fault is not None:
             callbacks.append(self.fault.callback(epoch, self.state.micro_batch_size))
         if self.config.lr_schedule != "constant":
             self.model.optimizer.learning_rate = learning_rate_at(self.config, epoch)
         started = time.perf_counter()
+        train, validation = self._batches(epoch)
         history = self.model.fit(
-            self.data.x_train,
-            self.data.y_train,
-            batch_size=self.state.micro_batch_size,
+            train,
             epochs=epoch,
             initial_epoch=epoch - 1,
-            validation_data=(self.data.x_val, self.data.y_val),
-            shuffle=True,
+            validation_data=validation,
+            shuffle=False,  # the batches are shuffled already, by (seed, epoch)
             verbose=0,
             callbacks=callbacks,
         ).history

@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from model.batches import array_batches
 from viz.plotting import plt, save_figure
 
 
@@ -28,7 +29,9 @@ def predict_probabilities(model: Any, images: np.ndarray, batch_size: int = 256)
     """Class probabilities (N, 7) in inference mode (augmentation and dropout off)."""
     if images.ndim != 4 or images.shape[1:] != (48, 48, 1):
         raise ValueError(f"images: expected shape (N, 48, 48, 1), found {images.shape}")
-    probs = model.predict(images.astype(np.float32), batch_size=batch_size, verbose=0)
+    # Not predict(images): its autotuned input pipeline stalls on deletion (model/batches.py).
+    batches = array_batches(images.astype(np.float32), None, batch_size)
+    probs = model.predict(batches, verbose=0)
     return np.asarray(probs, dtype=np.float64)
 
 

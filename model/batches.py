@@ -1,0 +1,60 @@
+"""Batches of in-memory arrays for Keras `fit` and `predict`, without tf.data autotuning.
+
+Why not `model.fit(x, y)`: Keras turns arrays into an autotuned tf.data pipeline, and on
+TensorFlow 2.21 deleting an autotuned iterator (at the end of every epoch, validation pass and
+predict) waits for the autotuner's thread to finish its current sleep, which doubles up to 60 s.
+The process sits idle meanwhile: on the benchmark CNN with one thread, 18-21 s of a 25-40 s
+epoch (BENCHMARKS.md, "the tf.data stall"). A fixed one-batch prefetch needs no autotuner and
+keeps the input work (a gather per batch) as cheap as Keras's own.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The shuffle seed of one epoch: a function of (seed, epoch) only, so a resumed run
+    sees the same order as an uninterrupted one."""
+    return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
+
+
+def array_batches(
+    x: Any, y: Any | None, batch_size: int, *, shuffle_seed: int | None = None
+) -> Any:
+    """A `tf.data.Dataset` of `(x, y)` batches (or `x` batches when `y` is None).
+
+    Every row appears once, in a permutation fixed by `shuffle_seed` (original order when it is
+    None); the last batch may be smaller. `x` and `y` may be NumPy arrays or tensors: convert
+    big arrays once with `tf.convert_to_tensor` when the same data is batched every epoch.
+    """
+    import tensorflow as tf
+
+    if batch_size < 1:
+        raise ValueError(f"batch_size: expected >= 1, got {batch_size}")
+    rows = int(x.shape[0])
+    if y is not None and int(y.shape[0]) != rows:
+        raise ValueError(f"x and y: expected the same number of rows, got {rows} and {y.shape[0]}")
+    if rows == 0:
+        raise ValueError("x: expected at least one row, got 0")
+    indices = tf.data.Dataset.range(rows)
+    if shuffle_seed is not None:
+        indices = indices.shuffle(rows, seed=shuffle_seed, reshuffle_each_iteration=False)
+    indices = indices.batch(batch_size)
+    # The arrays ride along as one repeated element (as in Keras's own adapter), so the map
+    # function captures no large constant.
+    arrays = tuple(tf.convert_to_tensor(array) for array in ((x,) if y is None else (x, y)))
+    dataset = tf.data.Dataset.zip((indices, tf.data.Dataset.from_tensors(arrays).repeat()))
+
+    def gather(batch: Any, data: Any) -> Any:
+        taken = tuple(tf.gather(array, batch) for array in data)
+        return taken[0] if y is None else taken
+
+    dataset = dataset.map(gather).prefetch(1)
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    options.experimental_optimization.apply_default_optimizations = False
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return dataset.with_options(options)
