@@ -86,13 +86,16 @@ def run_all(data: str, with_budget: bool, only: list[str] | None) -> dict[str, A
         "viz": lambda: __import__("bench.bench_viz", fromlist=["run"]).run(data=data, repeats=3),
         "kerastuner": lambda: bench_kerastuner.run(data),
     }
+    ran = []
     for name, work in steps.items():
         if only and name not in only:
             continue
         _step(name, results, errors, work)
+        ran.append(name)
     budget_file = RESULTS / "budget_search.json"
     if with_budget:
         _step("budget", results, errors, lambda: bench_budget.run(data))
+        ran.append("budget")
     if "budget" not in errors and "budget_search_best_val_accuracy" in results:
         budget_file.write_text(
             json.dumps(
@@ -112,8 +115,18 @@ def run_all(data: str, with_budget: bool, only: list[str] | None) -> dict[str, A
         "command": "make bench",
         "load_average_before": load_before,
         "errors": errors,
+        "ran": [name for name in ran if name not in errors],
     }
     return results
+
+
+def record_sources(meta: dict[str, Any], previous: dict[str, Any] | None = None) -> None:
+    """`meta["sources"]`: for each benchmark, the run its figures come from (date, commit,
+    command), so a partial run (`--only`) keeps the provenance of what it did not re-run."""
+    sources = dict((previous or {}).get("sources", {}))
+    for name in meta.get("ran", []):
+        sources[name] = {key: meta.get(key) for key in ("date", "commit", "command")}
+    meta["sources"] = sources
 
 
 def merge_previous(results: dict[str, Any]) -> dict[str, Any]:
@@ -125,6 +138,7 @@ def merge_previous(results: dict[str, Any]) -> dict[str, Any]:
     merged = {**previous, **{k: v for k, v in results.items() if k != "_meta"}}
     merged["_meta"] = results["_meta"]
     earlier = previous.get("_meta", {})
+    record_sources(merged["_meta"], earlier)
     merged["_meta"]["merged_from"] = earlier.get("merged_from") or {
         key: earlier.get(key) for key in ("date", "commit", "command", "load_average_before")
     }
@@ -244,6 +258,24 @@ def details(results: dict[str, Any]) -> str:
 
 
 def _merged_note(meta: dict[str, Any], results: dict[str, Any]) -> str:
+    sources = dict(meta.get("sources") or {})
+    if "budget" not in sources and "budget_run_date" in results:
+        # Stored apart (budget_search.json), with its own date and commit.
+        sources["budget"] = {
+            "date": results["budget_run_date"],
+            "commit": results.get("budget_commit"),
+            "command": "make bench ARGS='--with-budget'",
+        }
+    if sources and set(sources) != set(meta.get("ran", [])):
+        by_run: dict[tuple[Any, ...], list[str]] = {}
+        for name, source in sources.items():
+            key = (source.get("date"), source.get("commit"), source.get("command"))
+            by_run.setdefault(key, []).append(name)
+        runs = "; ".join(
+            f"{', '.join(names)} from {date} (commit `{commit}`, `{command}`)"
+            for (date, commit, command), names in sorted(by_run.items(), key=str)
+        )
+        return f"\nThe figures come from several runs: {runs}."
     earlier = meta.get("merged_from")
     if not earlier:
         return ""
@@ -299,7 +331,17 @@ def main(argv: list[str] | None = None) -> int:
         "--with-budget", action="store_true", help="also re-run the 60-minute budget search"
     )
     parser.add_argument("--only", help="comma list of: load,memory,search,viz,kerastuner")
+    parser.add_argument(
+        "--regenerate",
+        action="store_true",
+        help="run nothing: rewrite BENCHMARKS.md's table from bench/results/latest.json",
+    )
     args = parser.parse_args(argv)
+    if args.regenerate:
+        results = json.loads((RESULTS / "latest.json").read_text())
+        write_markdown(results, ROOT / "BENCHMARKS.md")
+        print(table(results))
+        return 0
     if not args.data:
         parser.error("--data or FER2013_PATH is required (the benchmarks use the real data)")
     only = args.only.split(",") if args.only else None
@@ -312,6 +354,8 @@ def main(argv: list[str] | None = None) -> int:
     if only:
         results["_meta"]["only"] = args.only
         results = merge_previous(results)
+    else:
+        record_sources(results["_meta"])
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "latest.json").write_text(json.dumps(results, indent=2, default=str))
     write_markdown(results, ROOT / "BENCHMARKS.md")

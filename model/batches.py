@@ -2,10 +2,10 @@
 
 Why not `model.fit(x, y)`: Keras turns arrays into an autotuned tf.data pipeline, and on
 TensorFlow 2.21 deleting an autotuned iterator (at the end of every epoch, validation pass and
-predict) waits for the autotuner's thread to finish its current sleep, which doubles up to 60 s.
-The process sits idle meanwhile: on the benchmark CNN with one thread, 18-21 s of a 25-40 s
-epoch (BENCHMARKS.md, "the tf.data stall"). A fixed one-batch prefetch needs no autotuner and
-keeps the input work (a gather per batch) as cheap as Keras's own.
+predict) waits for the autotuner's thread to finish its current timed wait, which grows the
+longer the pipeline runs. The process sits idle meanwhile: on the benchmark CNN with one thread,
+18-21 s of a 25-40 s epoch (BENCHMARKS.md, "the tf.data stall"). A fixed one-batch prefetch
+needs no autotuner and keeps the input work (a gather per batch) as cheap as Keras's own.
 """
 
 from __future__ import annotations
