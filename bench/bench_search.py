@@ -161,14 +161,6 @@ def _plain_command(
     ]
 
 
-def _plain_env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(ROOT)}
-
-
-def _plain_result(stdout: str) -> float:
-    return json.loads(stdout.strip().splitlines()[-1])["seconds_without_data_load"]
-
-
 def _child_run_exists(database: Path) -> bool:
     """Whether the search has created its trial's child run (read-only: never creates the DB)."""
     if not database.exists():
@@ -204,7 +196,7 @@ def _paired_repeat(
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
-            env=_plain_env(),
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
         )
         driver = os.getpid()
 
@@ -252,7 +244,8 @@ def _paired_repeat(
         trial_s = (child.info.end_time - child.info.start_time) / 1000
         ours_cpu, plain_cpu = rotation.cpu_by_name()
         print(f"   CPU seconds, our side: {_top(ours_cpu)}; plain side: {_top(plain_cpu)}")
-        return trial_s, _plain_result(stdout), trial_spans(client, child)
+        plain_s = json.loads(stdout.strip().splitlines()[-1])["seconds_without_data_load"]
+        return trial_s, plain_s, trial_spans(client, child)
 
 
 def _top(cpu: dict[str, float], n: int = 5) -> str:

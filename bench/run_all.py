@@ -139,9 +139,6 @@ def merge_previous(results: dict[str, Any]) -> dict[str, Any]:
     merged["_meta"] = results["_meta"]
     earlier = previous.get("_meta", {})
     record_sources(merged["_meta"], earlier)
-    merged["_meta"]["merged_from"] = earlier.get("merged_from") or {
-        key: earlier.get(key) for key in ("date", "commit", "command", "load_average_before")
-    }
     return merged
 
 
@@ -276,24 +273,7 @@ def _merged_note(meta: dict[str, Any], results: dict[str, Any]) -> str:
             for (date, commit, command), names in sorted(by_run.items(), key=str)
         )
         return f"\nThe figures come from several runs: {runs}."
-    earlier = meta.get("merged_from")
-    if not earlier:
-        return ""
-    ran = meta.get("only", "")
-    if "--with-budget" in meta.get("command", "") and "budget" not in ran.split(","):
-        ran += " and the budget search"
-    note = (
-        f"\nOnly {ran} ran in this run; the other figures come from the full run "
-        f"of {earlier.get('date')} (commit `{earlier.get('commit')}`, `{earlier.get('command')}`,"
-        f" load average {earlier.get('load_average_before')})"
-    )
-    if "--with-budget" not in meta.get("command", "") and "budget_run_date" in results:
-        # The budget search is stored apart (budget_search.json) and has its own provenance.
-        note += (
-            f", except the budget search's, which come from its run of "
-            f"{results['budget_run_date']} (commit `{results.get('budget_commit')}`)"
-        )
-    return note + "."
+    return ""
 
 
 def write_markdown(results: dict[str, Any], path: Path) -> None:
