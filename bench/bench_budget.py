@@ -50,6 +50,7 @@ def summarise(tracking_uri: str, experiment: str) -> dict[str, Any]:
         trials.append(
             {
                 "name": run.info.run_name,
+                "phase": run.data.params.get("phase", ""),
                 "family": run.data.tags.get("fer.family"),
                 "status": run.data.tags.get("fer.trial_status", run.info.status),
                 "param_count": int(run.data.params.get("param_count", 0) or 0),
@@ -57,6 +58,10 @@ def summarise(tracking_uri: str, experiment: str) -> dict[str, Any]:
                 "stop_reason": run.data.tags.get("fer.stop_reason"),
                 "best_val_accuracy": run.data.metrics.get("best_val_accuracy"),
                 "images_per_second_median": statistics.median(speed) if speed else None,
+                "estimated_epoch_seconds": float(
+                    run.data.params.get("estimated_epoch_seconds", 0) or 0
+                ),
+                "train_fraction": float(run.data.params.get("train_fraction", 1) or 1),
             }
         )
     dnn = [
@@ -65,8 +70,13 @@ def summarise(tracking_uri: str, experiment: str) -> dict[str, Any]:
         if t["family"] == "dnn" and t["best_val_accuracy"] is not None
     ]
     end = parent.info.end_time or int(time.time() * 1000)
+    metrics = parent.data.metrics
     return {
-        "budget_search_best_val_accuracy": parent.data.metrics.get("best_val_accuracy"),
+        "budget_search_best_val_accuracy": metrics.get("best_val_accuracy"),
+        # The machine's speed, measured in the same run: plain Keras on the reference CNN.
+        "reference_images_per_second": metrics.get("reference_images_per_second"),
+        "budget_trials_started": metrics.get("budget_trials_started"),
+        "epoch_time_estimate_median_abs_err": metrics.get("epoch_time_estimate_median_abs_err"),
         "dnn_best_val_accuracy": max(dnn) if dnn else None,
         "budget_minutes": float(parent.data.params.get("search.time_budget_min", "nan")),
         "budget_wall_minutes": (end - parent.info.start_time) / 60000,

@@ -1,28 +1,41 @@
-"""The Tune driver: plan trials, place them by memory, run them, track everything in MLflow.
+"""The Tune driver: propose and place trials, run them, train the best to the end, track it all.
 
     python -m jobs.search --data fer2013.csv.gz --num-samples 4 --max-epochs 2 --data-fraction 0.03
 
-`run_search(settings)` is the typed entry point; `main()` is a thin CLI over it.
+A search has two phases inside its time budget. **Explore**: the fixed points, then what
+Optuna's TPE (through Ray Tune's `OptunaSearch`) proposes from the results so far, each trial on
+`explore_fraction` of the training rows, ASHA stopping the weak ones; every proposal is placed
+by memory and time before Ray sees it (`jobs/proposals.py`). **Final**: the last
+`final_budget_share` of the budget trains the best explored configs on every row, on a cosine
+schedule sized to end with the budget. `run_search(settings)` is the typed entry point; `main()`
+is a thin CLI over it.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
-import io
 import json
 import logging
 import os
-import platform
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from jobs import artifacts as layout
-from jobs.settings import DATA_HELP, SearchSettings, add_arguments, as_dict, from_namespace
+from jobs import parent as parent_run
+from jobs.parent import SearchResult
+from jobs.proposals import (
+    FINAL,
+    SETUP_SECONDS,
+    PlacingSearcher,
+    Planner,
+    ProposalClock,
+    RefusalRecorder,
+    TrialPlan,
+    placed_from_config,
+)
+from jobs.settings import DATA_HELP, SearchSettings, add_arguments, from_namespace
 
 log = logging.getLogger("jobs.search")
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -33,17 +46,15 @@ TRACKING_DRAIN_S = float(os.environ.get("FER_TRACKING_DRAIN_S", "120"))
 TRIAL_ENV = {"TF_CPP_MIN_LOG_LEVEL": "2"}
 # Tune's cap on trials waiting for resources (read when a Tuner starts; see _trials_in_plan_order).
 PENDING_TRIALS_ENV = "TUNE_MAX_PENDING_TRIALS_PG"
+FINAL_SUFFIX = "-final"
+# TPE's random start-up proposals before it models the results (Optuna's default is 10: more
+# than a CPU budget of an hour starts at all).
+TPE_STARTUP_TRIALS = 4
+# The final trials' epochs fill this share of the time left: their time estimate is corrected
+# by what the explored trial measured, but a trial cut off by the clock loses its last epochs.
+FINAL_FILL = 0.92
 
-
-@dataclass
-class SearchResult:
-    parent_run_id: str
-    best_run_id: str | None
-    best_val_accuracy: float | None
-    tune_path: str
-    trials: list[dict[str, Any]] = field(default_factory=list)
-    refused: list[str] = field(default_factory=list)
-    wall_seconds: float = 0.0
+__all__ = ["SearchResult", "init_ray", "plan_trials", "prepare_arrays", "run_search"]
 
 
 def resolve_data(source: str) -> str:
@@ -133,71 +144,38 @@ def init_ray(num_cpus: int | None = None) -> None:
         )
 
 
+def _plans(dicts: list[dict[str, Any]], train_fraction: float) -> list[TrialPlan]:
+    return [
+        TrialPlan(
+            p["name"],
+            p["model"],
+            {"train_fraction": train_fraction, **p["training"]},
+        )
+        for p in dicts
+    ]
+
+
 def plan_trials(
     settings: SearchSettings, budget: Any, plans: list[dict[str, Any]] | None = None
 ) -> list[dict[str, Any]]:
-    """Sample plans (or take `plans`) and decide each one's placement.
+    """Place the fixed points (or `plans`) on `budget`: entries {"plan", "placement"}.
 
-    Returns entries {"plan", "placement"}.
+    What the search launches first, and what its parent run's `search/space.json` lists.
     """
-    import keras
-    import numpy as np
+    from jobs.space import fixed_points, parse_families
 
-    from jobs.resources import place
-    from jobs.space import parse_families, sample_plans
-    from model.configs import build_model, config_from_dict
-    from model.preprocessing import pixel_statistics
-
-    families = parse_families(settings.families)
     if plans is None:
-        plans = sample_plans(families, settings.num_samples, settings.max_epochs, settings.seed)
+        fixed = fixed_points(parse_families(settings.families), settings.max_epochs, settings.seed)
+        plans = fixed[: settings.num_samples]
+        fraction = settings.explore_fraction
     else:
-        plans = [{**plan, "training": dict(plan["training"])} for plan in plans]
-    dummy_stats = pixel_statistics(np.zeros((2, 48, 48, 1), dtype=np.uint8))
+        fraction = 1.0
+    planner = Planner(budget, settings.cpus_per_trial, 1, 0)
     entries = []
-    for plan in plans:
-        model = build_model(config_from_dict(plan["model"]), stats=dummy_stats)
-        placement = place(
-            model,
-            plan["training"]["batch_size"],
-            plan["training"]["optimizer"],
-            budget,
-            settings.cpus_per_trial,
-        )
-        plan["training"]["micro_batch_size"] = placement.micro_batch_size
-        entries.append(
-            {
-                "plan": plan,
-                "placement": {
-                    "status": placement.status,
-                    "estimated_mb": placement.estimated_mb,
-                    "param_count": int(model.count_params()),
-                    "resources": placement.resources,
-                    "label_selector": placement.label_selector,
-                    "gpu_memory_limit_mb": placement.gpu_memory_limit_mb,
-                    "reason": placement.reason,
-                    "min_estimated_mb": placement.min_estimated_bytes / (1 << 20),
-                },
-            }
-        )
-        keras.backend.clear_session()
+    for plan in _plans(plans, fraction):
+        placed = planner.place(plan)
+        entries.append({"plan": placed.plan.to_dict(), "placement": placed.placement})
     return entries
-
-
-def _trial_config(entry: dict[str, Any], fault_injection: dict | None) -> dict[str, Any]:
-    plan, placement = entry["plan"], entry["placement"]
-    config = {
-        "name": plan["name"],
-        "model": plan["model"],
-        "training": plan["training"],
-        "resources": placement["resources"],
-        "label_selector": placement["label_selector"],
-        "gpu_memory_limit_mb": placement["gpu_memory_limit_mb"],
-    }
-    faults = (fault_injection or {}).get(plan["name"])
-    if faults:
-        config["fault_injection"] = faults
-    return config
 
 
 def _trial_resources(config: dict[str, Any]) -> Any:
@@ -206,61 +184,176 @@ def _trial_resources(config: dict[str, Any]) -> Any:
 
     from jobs.trial import plan_of
 
-    plan = plan_of(config)
-    selector = plan.get("label_selector")
+    trial = plan_of(config)
+    selector = trial.get("label_selector")
     if selector:
-        return PlacementGroupFactory([plan["resources"]], bundle_label_selector=[selector])
-    return PlacementGroupFactory([plan["resources"]])
+        return PlacementGroupFactory([trial["resources"]], bundle_label_selector=[selector])
+    return PlacementGroupFactory([trial["resources"]])
 
 
-def _find_parent(client: Any, experiment_id: str, name: str) -> Any | None:
-    runs = client.search_runs(
-        [experiment_id],
-        filter_string=f"tags.`{layout.TAG_ROLE}` = 'search' and tags.`fer.search_name` = '{name}'",
-        order_by=["attributes.start_time DESC"],
-        max_results=1,
+def _calibrate(budget: Any, cpus: float) -> Any:
+    """The worker's throughput on the reference CNN, or None (no time estimates) if it fails:
+    a search without time estimates still runs."""
+    from jobs.timing import calibrate
+
+    resources = {"CPU": cpus, "GPU": 0.25 if budget.kind == "gpu" else 0.0}
+    try:
+        calibration = calibrate(resources)
+    except Exception as error:  # a worker that cannot run the probe must not stop the search
+        log.warning("calibration failed, no time estimates: %s", error)
+        return None
+    log.info(
+        "calibration: reference CNN %.0f images/s on %d thread(s)",
+        calibration.reference_images_per_second,
+        calibration.threads,
     )
-    return runs[0] if runs else None
+    return calibration
 
 
-def _log_refused(
-    client: Any,
-    experiment_id: str,
-    parent_id: str,
-    entry: dict[str, Any],
-    data_info: dict[str, Any],
-) -> None:
-    from mlflow.entities import Param
-    from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+def _explore_searcher(
+    settings: SearchSettings,
+    planner: Planner,
+    recorder: RefusalRecorder,
+    budget_s: float,
+    plans: list[dict[str, Any]] | None,
+    fault_injection: dict | None,
+) -> PlacingSearcher:
+    """Fixed points first (the known-good CNN as the model-based searcher's first point), then
+    TPE's proposals; or exactly `plans`, in order (benchmarks comparing fixed configs)."""
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
 
-    from jobs.tracking import _flat_params
+    from jobs.space import Space, fast_cnn_point, fixed_points, parse_families
 
-    plan, placement = entry["plan"], entry["placement"]
-    run = client.create_run(
-        experiment_id,
-        run_name=plan["name"],
-        tags={
-            MLFLOW_PARENT_RUN_ID: parent_id,
-            layout.TAG_ROLE: "trial",
-            layout.TAG_FAMILY: plan["model"]["family"],
-            layout.TAG_STATUS: "does_not_fit",
-            "fer.plan_name": plan["name"],
-            "fer.refusal": placement["reason"],
-        },
+    common = {
+        "grace_epochs": max(1, min(settings.grace_epochs, settings.max_epochs)),
+        "faults": fault_injection,
+    }
+    clock = ProposalClock(budget_s)
+    if plans is not None:
+        return PlacingSearcher(planner, list(_plans(plans, 1.0)), recorder, clock, **common)
+    families = parse_families(settings.families)
+    fixed = fixed_points(families, settings.max_epochs, settings.seed)
+    queue: list[TrialPlan | None] = []
+    for plan in _plans(fixed, settings.explore_fraction):
+        # The known-good CNN is a point of the space: the model-based searcher runs it first.
+        queue.append(None if plan.name == "cnn-fast" else plan)
+    points = [fast_cnn_point(families)] if "cnn" in families else []
+    inner = OptunaSearch(
+        space=Space(families),
+        metric="best_val_accuracy",
+        mode="max",
+        points_to_evaluate=points,
+        sampler=optuna.samplers.TPESampler(seed=settings.seed, n_startup_trials=TPE_STARTUP_TRIALS),
     )
-    client.log_batch(
-        run.info.run_id, params=[Param(k, v) for k, v in _flat_params(plan, placement).items()]
+    return PlacingSearcher(
+        planner,
+        queue[: settings.num_samples],
+        recorder,
+        clock,
+        inner=inner,
+        inner_names=["cnn-fast"] if points else [],
+        make_plan=SpacePlanMaker(settings.max_epochs, settings.seed, settings.explore_fraction),
+        **common,
     )
-    client.set_terminated(run.info.run_id, "FINISHED")
 
 
-def _trials_csv(rows: list[dict[str, Any]]) -> str:
-    columns = sorted({key for row in rows for key in row})
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns)
-    writer.writeheader()
-    writer.writerows(rows)
-    return buffer.getvalue()
+class SpacePlanMaker:
+    """Turns a point of the space into a trial plan (picklable: the searcher is checkpointed)."""
+
+    def __init__(self, max_epochs: int, seed: int, train_fraction: float) -> None:
+        self.max_epochs = max_epochs
+        self.seed = seed
+        self.train_fraction = train_fraction
+
+    def __call__(self, params: dict[str, Any], name: str) -> TrialPlan:
+        from jobs.space import model_from_params, training_from_params
+        from model.configs import config_to_dict
+
+        training = training_from_params(params, self.max_epochs, self.seed)
+        training["train_fraction"] = self.train_fraction
+        return TrialPlan(name, config_to_dict(model_from_params(params)), training)
+
+
+def final_plans(
+    settings: SearchSettings, grid: Any, planner: Planner, seconds_left: float, slots: int
+) -> list[TrialPlan]:
+    """The best explored configs, each trained on every row for as many epochs as fit in the
+    time left, on a cosine schedule that ends on the last of them.
+
+    A config is skipped where that would not train it more than exploring did.
+    """
+    ranked = []
+    for result in grid:
+        metrics = result.metrics or {}
+        if not result.config or "best_val_accuracy" not in metrics:
+            continue
+        ranked.append((float(metrics["best_val_accuracy"]), result))
+    ranked.sort(key=lambda pair: -pair[0])
+    chosen: list[TrialPlan] = []
+    seen: set[str] = set()
+    for _, result in ranked:
+        if len(chosen) >= min(settings.final_trials, slots):
+            break
+        explored = placed_from_config(result.config)
+        key = json.dumps([explored.plan.model, _without_fidelity(explored.plan.training)])
+        if key in seen:
+            continue
+        seen.add(key)
+        epochs_done = int(result.metrics.get("epoch", 0))
+        measured = float(result.metrics.get("epoch_seconds", 0.0))
+        training = {
+            **explored.plan.training,
+            "train_fraction": 1.0,
+            "lr_schedule": "cosine",
+            "max_epochs": settings.max_epochs,
+        }
+        full = planner.place(TrialPlan(explored.plan.name, explored.plan.model, training, FINAL))
+        # What the explored trial measured corrects the estimate (same worker kind, same load).
+        ratio = (
+            measured / explored.estimated_epoch_seconds if explored.estimated_epoch_seconds else 1
+        )
+        per_epoch = full.estimated_epoch_seconds * min(max(ratio, 0.5), 2.0)
+        if per_epoch <= 0:
+            epochs = settings.max_epochs
+        else:
+            epochs = int((seconds_left * FINAL_FILL - SETUP_SECONDS) // per_epoch)
+        epochs = min(epochs, settings.max_epochs)
+        already = epochs_done * float(explored.plan.training.get("train_fraction", 1.0))
+        if epochs < 1 or epochs <= already:
+            log.info(
+                "final: %s not retrained (%d epoch(s) fit in %.0f s; it had %.1f full-data epochs)",
+                explored.plan.name,
+                epochs,
+                seconds_left,
+                already,
+            )
+            continue
+        chosen.append(
+            TrialPlan(
+                explored.plan.name + FINAL_SUFFIX,
+                explored.plan.model,
+                {**training, "max_epochs": epochs},
+                FINAL,
+            )
+        )
+    return chosen
+
+
+def _without_fidelity(training: dict[str, Any]) -> dict[str, Any]:
+    return {
+        k: v
+        for k, v in training.items()
+        if k not in ("train_fraction", "max_epochs", "micro_batch_size")
+    }
+
+
+def _slots(cpus_per_trial: float) -> int:
+    """How many trials run at once on the cluster's CPUs."""
+    import ray
+
+    cpus = float(ray.cluster_resources().get("CPU", 1.0))
+    return max(1, int(cpus // max(cpus_per_trial, 1e-9)))
 
 
 def run_search(
@@ -271,17 +364,16 @@ def run_search(
     """Run (or resume) one search; returns the parent run, the best child and its accuracy.
 
     `fault_injection` maps plan names to test hooks (see jobs/trial.py); tests only.
-    `plans` replaces the sampled plans (benchmarks compare fixed configs).
+    `plans` replaces the adaptive search by exactly these plans, in order, with no final
+    phase (benchmarks compare fixed configs).
     """
     import mlflow
     import ray
     from mlflow.tracking import MlflowClient
-    from ray import tune
 
     from jobs.cli import configure_s3_retries
     from jobs.resources import budget_from_nodes
     from jobs.tracking import MLflowTrialLogger, quick_failing_client_env
-    from jobs.trial import sweep_workdirs, train_trial
 
     started = time.time()
     quick_failing_client_env()
@@ -301,77 +393,62 @@ def run_search(
     init_ray()
     budget = budget_from_nodes(ray.nodes(), settings.worker_memory_gb)
     log.info("worker budget: %s", budget.describe())
-    entries = plan_trials(settings, budget, plans)
-    by_name = {entry["plan"]["name"]: entry for entry in entries}
-    runnable = [e for e in entries if e["placement"]["status"] != "does_not_fit"]
-    refused = [e for e in entries if e["placement"]["status"] == "does_not_fit"]
-    for entry in entries:
-        p = entry["placement"]
-        log.info(
-            "plan %-12s %-10s %9d params  est %8.1f MiB  %s",
-            entry["plan"]["name"],
-            p["status"],
-            p["param_count"],
-            p["estimated_mb"],
-            p["reason"],
-        )
+    calibration = _calibrate(budget, settings.cpus_per_trial)
+    planner = Planner(
+        budget,
+        settings.cpus_per_trial,
+        data_info["train_rows"],
+        data_info["val_rows"],
+        calibration,
+    )
 
     client = MlflowClient()
     tracking_uri = mlflow.get_tracking_uri()
-    experiment_id = _experiment_id(client)
-    launched_run = os.environ.get("MLFLOW_RUN_ID")  # set by `mlflow run`
-    parent = _find_parent(client, experiment_id, settings.name) if settings.resume else None
-    if settings.resume and parent is None:
-        raise ValueError(
-            f"resume: no earlier search named {settings.name!r} in experiment {experiment_id}; "
-            f"run once with resume=false first"
+    experiment_id = parent_run.experiment_id(client)
+    parent_id, tune_path, resumed = parent_run.open_parent(client, experiment_id, settings, storage)
+    if not resumed:
+        planned = plan_trials(settings, budget, plans)
+        parent_run.log_parent(
+            client, parent_id, settings, budget, planned, data_info, tune_path, calibration
         )
-    if parent is not None:
-        parent_id = parent.info.run_id
-        tune_path = parent.data.tags["fer.tune_path"]
-        if launched_run and launched_run != parent_id:
-            client.set_tag(launched_run, layout.TAG_ROLE, "search_resume")
-            client.set_tag(launched_run, "fer.resumed_parent", parent_id)
-        client.update_run(parent_id, status="RUNNING")
-    else:
-        name = f"{settings.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-        tune_path = f"{storage}/{name}"
-        if launched_run:
-            parent_id = launched_run
-        else:
-            parent_id = client.create_run(experiment_id, run_name=settings.name).info.run_id
-        _log_parent(client, parent_id, settings, budget, entries, data_info, tune_path)
-        for entry in refused:
-            _log_refused(client, experiment_id, parent_id, entry, data_info)
 
-    result = SearchResult(
-        parent_id, None, None, tune_path, refused=[e["plan"]["name"] for e in refused]
-    )
+    total_s = settings.time_budget_min * 60
+    final_share = settings.final_budget_share if plans is None else 0.0
+    explore_s = total_s * (1 - final_share)
+    result = SearchResult(parent_id, None, None, tune_path)
     try:
-        if not runnable:
-            log.error("no trial fits any worker (%s)", budget.describe())
-        else:
-            logger = MLflowTrialLogger(
-                tracking_uri,
-                experiment_id,
-                parent_id,
-                by_name,
+        recorder = RefusalRecorder(tracking_uri, experiment_id, parent_id, data_info)
+        searcher = _explore_searcher(settings, planner, recorder, explore_s, plans, fault_injection)
+        logger = MLflowTrialLogger(
+            tracking_uri, experiment_id, parent_id, data_info, time_budget_s=explore_s
+        )
+        grid = _fit(
+            settings,
+            arrays,
+            tune_path,
+            logger,
+            searcher,
+            explore_s,
+            num_samples=settings.num_samples if plans is None else len(plans),
+            restore=resumed,
+        )
+        recorder.queue.drain(TRACKING_DRAIN_S)
+        if final_share > 0:
+            # A resumed search cannot tell how long it was down: its final gets its share.
+            left = final_share * total_s if resumed else total_s - (time.time() - started)
+            _final_phase(
+                settings,
+                arrays,
+                tune_path,
+                grid,
+                planner,
+                recorder,
                 data_info,
-                time_budget_s=settings.time_budget_min * 60,
+                left,
+                resumed,
+                (tracking_uri, experiment_id, parent_id),
             )
-            trainable = tune.with_resources(
-                tune.with_parameters(train_trial, data=arrays), resources=_trial_resources
-            )
-            # Only "plan" varies, so Tune's live table and trial folders show the plan name.
-            param_space = {
-                "plan": tune.grid_search([e["plan"]["name"] for e in runnable]),
-                "plans": {e["plan"]["name"]: _trial_config(e, fault_injection) for e in runnable},
-            }
-            grid = _fit(settings, trainable, param_space, tune_path, logger, parent is not None)
-            sweep_workdirs()  # the local trials Tune stopped (their processes are gone)
-            _reconcile(grid, logger)
-            logger.queue.drain(TRACKING_DRAIN_S)
-        _finalise(client, parent_id, settings, result)
+        parent_run.finalise(client, parent_id, settings, result)
         client.set_terminated(parent_id, "FINISHED")
     except BaseException:
         try:
@@ -383,105 +460,103 @@ def run_search(
     return result
 
 
-def _experiment_id(client: Any) -> str:
-    env_id = os.environ.get("MLFLOW_EXPERIMENT_ID")
-    if env_id:
-        return env_id
-    name = os.environ.get("MLFLOW_EXPERIMENT_NAME")
-    if name:
-        # Not mlflow.set_experiment: it exports MLFLOW_EXPERIMENT_ID into this process's
-        # environment, which then outlives the search (a later search or `mlflow run` in the
-        # same process would log into, or refuse, that stale id).
-        found = client.get_experiment_by_name(name)
-        return found.experiment_id if found is not None else client.create_experiment(name)
-    return "0"
-
-
-def _log_parent(
-    client: Any,
-    parent_id: str,
+def _final_phase(
     settings: SearchSettings,
-    budget: Any,
-    entries: list[dict[str, Any]],
-    data_info: dict[str, Any],
+    arrays: dict[str, Any],
     tune_path: str,
+    grid: Any,
+    planner: Planner,
+    recorder: RefusalRecorder,
+    data_info: dict[str, Any],
+    seconds_left: float,
+    resumed: bool,
+    tracking: tuple[str, str, str],
 ) -> None:
-    import keras
-    import mlflow
-    import ray
-    import tensorflow as tf
-    from mlflow.entities import Param
+    from ray import tune
 
-    from jobs.space import SPACE
+    from jobs.tracking import MLflowTrialLogger
 
-    params = {f"search.{k}": str(v) for k, v in as_dict(settings).items()}
-    params["data_sha256"] = data_info["sha256"]
-    client.log_batch(parent_id, params=[Param(k, v) for k, v in params.items()])
-    tags = {
-        layout.TAG_ROLE: "search",
-        "fer.search_name": settings.name,
-        "fer.tune_path": tune_path,
-        layout.TAG_DATA_SHA: data_info["sha256"],
-        "fer.worker_budget": budget.describe(),
-        "version.tensorflow": tf.__version__,
-        "version.keras": keras.__version__,
-        "version.ray": ray.__version__,
-        "version.mlflow": mlflow.__version__,
-        "version.python": platform.python_version(),
-    }
-    for key, value in tags.items():
-        client.set_tag(parent_id, key, value)
-    from jobs.space import AUGMENTATIONS
-
-    client.log_text(
-        parent_id,
-        json.dumps(
-            {"space": SPACE, "augmentations": AUGMENTATIONS, "plans": entries},
-            indent=2,
-            default=str,
-        ),
-        "search/space.json",
+    final_path = tune_path + FINAL_SUFFIX
+    restore = resumed and tune.Tuner.can_restore(final_path)
+    plans = (
+        []
+        if restore
+        else final_plans(settings, grid, planner, seconds_left, _slots(settings.cpus_per_trial))
     )
+    if not restore and not plans:
+        log.info("final: nothing to train (%.0f s left)", seconds_left)
+        return
+    log.info(
+        "final: %s in %.0f s",
+        ", ".join(f"{p.name} ({p.training['max_epochs']} epochs)" for p in plans) or "resumed",
+        seconds_left,
+    )
+    searcher = PlacingSearcher(
+        planner, list(plans), recorder, ProposalClock(seconds_left), grace_epochs=1
+    )
+    tracking_uri, experiment_id, parent_id = tracking
+    logger = MLflowTrialLogger(
+        tracking_uri, experiment_id, parent_id, data_info, time_budget_s=seconds_left
+    )
+    _fit(
+        settings,
+        arrays,
+        final_path,
+        logger,
+        searcher,
+        seconds_left,
+        num_samples=max(1, len(plans)),
+        restore=restore,
+        scheduler=False,
+    )
+    recorder.queue.drain(TRACKING_DRAIN_S)
 
 
 def _fit(
     settings: SearchSettings,
-    trainable: Any,
-    param_space: dict[str, Any],
+    arrays: dict[str, Any],
     tune_path: str,
     logger: Any,
+    searcher: PlacingSearcher,
+    budget_s: float,
+    *,
+    num_samples: int,
     restore: bool,
+    scheduler: bool = True,
 ) -> Any:
+    """One Tune run (a phase of the search): new, or restored from `tune_path`."""
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
+    from jobs.trial import sweep_workdirs, train_trial
+
+    trainable = tune.with_resources(
+        tune.with_parameters(train_trial, data=arrays), resources=_trial_resources
+    )
     if restore:
+        # The searcher, the callback and the trials come back from the experiment state.
         tuner = tune.Tuner.restore(
-            tune_path,
-            trainable=trainable,
-            resume_unfinished=True,
-            resume_errored=True,
-            param_space=param_space,
+            tune_path, trainable=trainable, resume_unfinished=True, resume_errored=True
         )
-        # The pickled callback is rebuilt; give it this process's view of the plans.
-        tuner._local_tuner.get_run_config().callbacks = [logger]
     else:
         storage, name = tune_path.rsplit("/", 1)
-        scheduler = ASHAScheduler(
-            metric="val_accuracy",
-            mode="max",
-            time_attr="training_iteration",
-            max_t=settings.max_epochs,
-            grace_period=max(1, min(settings.grace_epochs, settings.max_epochs)),
-            reduction_factor=3,
-        )
+        trial_scheduler: Any = FIFOScheduler()
+        if scheduler:
+            trial_scheduler = ASHAScheduler(
+                metric="val_accuracy",
+                mode="max",
+                time_attr="training_iteration",
+                max_t=settings.max_epochs,
+                grace_period=max(1, min(settings.grace_epochs, settings.max_epochs)),
+                reduction_factor=3,
+            )
         tuner = tune.Tuner(
             trainable,
-            param_space=param_space,
             tune_config=tune.TuneConfig(
-                scheduler=scheduler,
-                num_samples=1,
-                time_budget_s=settings.time_budget_min * 60,
+                search_alg=searcher,
+                scheduler=trial_scheduler,
+                num_samples=num_samples,
+                time_budget_s=budget_s,
                 reuse_actors=False,
             ),
             run_config=tune.RunConfig(
@@ -494,7 +569,11 @@ def _fit(
             ),
         )
     with _trials_in_plan_order():
-        return tuner.fit()
+        grid = tuner.fit()
+    sweep_workdirs()  # the local trials Tune stopped (their processes are gone)
+    _reconcile(grid, logger)
+    logger.queue.drain(TRACKING_DRAIN_S)
+    return grid
 
 
 @contextlib.contextmanager
@@ -534,77 +613,6 @@ def _reconcile(grid: Any, logger: Any) -> None:
             result.metrics,
             error=str(result.error) if result.error else None,
         )
-
-
-def _finalise(client: Any, parent_id: str, settings: SearchSettings, result: SearchResult) -> None:
-    from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
-
-    experiment_id = client.get_run(parent_id).info.experiment_id
-    children = client.search_runs(
-        [experiment_id],
-        filter_string=f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent_id}'",
-        max_results=5000,
-    )
-    rows = []
-    for run in children:
-        rows.append(
-            {
-                "run_id": run.info.run_id,
-                "name": run.info.run_name,
-                "status": run.info.status,
-                "trial_status": run.data.tags.get(layout.TAG_STATUS, ""),
-                "family": run.data.tags.get(layout.TAG_FAMILY, ""),
-                "param_count": run.data.params.get("param_count", ""),
-                "estimated_memory_mb": run.data.params.get("estimated_memory_mb", ""),
-                "best_val_accuracy": run.data.metrics.get("best_val_accuracy", ""),
-                "epochs_done": run.data.tags.get("fer.epochs_done", ""),
-            }
-        )
-    result.trials = rows
-    client.log_text(parent_id, _trials_csv(rows) if rows else "", "search/trials.csv")
-    scored = [
-        r
-        for r in children
-        if r.info.status == "FINISHED"
-        and "best_val_accuracy" in r.data.metrics
-        and "fer.model_uri" in r.data.tags
-    ]
-    if not scored:
-        log.error("no trial finished with a model; nothing to tag or register")
-        return
-    best = max(scored, key=lambda r: r.data.metrics["best_val_accuracy"])
-    result.best_run_id = best.info.run_id
-    result.best_val_accuracy = best.data.metrics["best_val_accuracy"]
-    client.set_tag(parent_id, layout.TAG_BEST_RUN, best.info.run_id)
-    client.log_metric(parent_id, "best_val_accuracy", result.best_val_accuracy)
-    client.set_tag(best.info.run_id, "fer.best", "true")
-    for family in ("cnn", "dnn"):
-        of_family = [r for r in scored if r.data.tags.get(layout.TAG_FAMILY) == family]
-        if of_family:
-            top = max(of_family, key=lambda r: r.data.metrics["best_val_accuracy"])
-            client.log_metric(
-                parent_id, f"best_{family}_val_accuracy", top.data.metrics["best_val_accuracy"]
-            )
-            client.set_tag(parent_id, f"best_{family}_run_id", top.info.run_id)
-    if settings.register:
-        register_champion(client, best.data.tags["fer.model_uri"], best.info.run_id)
-
-
-def register_champion(client: Any, model_uri: str, run_id: str) -> str:
-    """Register the model as `fer2013-expression` and point the `champion` alias at it."""
-    import mlflow
-
-    version = mlflow.register_model(model_uri, layout.REGISTERED_MODEL, tags={"run_id": run_id})
-    client.set_registered_model_alias(
-        layout.REGISTERED_MODEL, layout.CHAMPION_ALIAS, version.version
-    )
-    log.info(
-        "registered %s version %s as @%s",
-        layout.REGISTERED_MODEL,
-        version.version,
-        layout.CHAMPION_ALIAS,
-    )
-    return str(version.version)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -24,7 +24,7 @@ class SearchSettings:
 
     data: str = "data/fer2013.csv"
     families: str = "cnn,dnn"
-    num_samples: int = 8
+    num_samples: int = 100  # the most trials explored; the time budget usually binds first
     max_epochs: int = 30
     time_budget_min: float = 60.0
     data_fraction: float = 1.0
@@ -34,9 +34,27 @@ class SearchSettings:
     name: str = "fer2013-search"
     worker_memory_gb: float = 0.0  # 0: detect from the Ray cluster
     cpus_per_trial: float = 1.0
+    # Share of the training rows each explored trial sees (lower fidelity, more proposals).
+    explore_fraction: float = 0.25
+    # Share of the time budget kept to train the best configs on every row, on a schedule
+    # that ends with the budget; 0: no final training.
+    final_budget_share: float = 0.5
+    final_trials: int = 2  # best configs trained in the final share (at most one per slot)
     grace_epochs: int = 2
     max_failures: int = 2
     register: bool = True
+
+    def __post_init__(self) -> None:
+        if not 0 < self.explore_fraction <= 1:
+            raise ValueError(
+                f"explore_fraction: expected a number in (0, 1], got {self.explore_fraction}"
+            )
+        if not 0 <= self.final_budget_share < 1:
+            raise ValueError(
+                f"final_budget_share: expected a number in [0, 1), got {self.final_budget_share}"
+            )
+        if self.num_samples < 1:
+            raise ValueError(f"num_samples: expected >= 1, got {self.num_samples}")
 
 
 @dataclass

@@ -1,15 +1,14 @@
-"""The search space, sampled up front by the driver into concrete trial plans.
+"""The search space: what a model-based searcher (Optuna's TPE through Ray Tune) proposes from.
 
-Sampling before launch (seeded, so a restored search sees the same plans) is what lets the
-driver estimate every trial's memory and refuse or downsize a config before Ray schedules it.
-Two fixed points anchor the search: the coursework CNN `SEED2017` and a DNN with the same
+`define_space` is the space; `model_from_params` and `training_from_params` turn a proposed
+point into the model and training configs of a trial plan (`jobs/proposals.py` places it
+before Ray sees it). Fixed points anchor the search: the known-good `FAST_CNN` (a point of the
+space, so the searcher learns from it), the coursework CNN `SEED2017` and a DNN with its
 parameter count (coursework questions 1 and 2).
 """
 
 from __future__ import annotations
 
-import math
-import random
 from typing import Any
 
 from model.cnn import SEED2017, SEED2017_PARAMS, CNNConfig
@@ -45,7 +44,8 @@ def matched_dnn() -> DNNConfig:
     )
 
 
-# What the random part of the search explores (logged on the parent run as search/space.json).
+# What the adaptive part of the search explores (logged on the parent run as
+# search/space.json): ranges as [low, high], choices as lists. `define_space` samples it.
 SPACE: dict[str, Any] = {
     "cnn": {
         "blocks": [2, 3, 4],
@@ -54,10 +54,12 @@ SPACE: dict[str, Any] = {
         "kernel_size": [3, 5],
         "pooling": ["max", "avg"],
         "batch_norm": [True, False],
+        "residual": [False, True],
+        "head_pooling": ["flatten", "global_avg"],
         "dropout": [0.1, 0.5],
-        "dense_units": [[128], [256], [512, 256]],
+        "dense_units": [[], [128], [256], [512, 256]],
         "normalization": ["standardize", "rescale"],
-        "augmentation": ["none", "light", "strong"],
+        "augmentation": ["none", "light", "strong", "crop"],
     },
     "dnn": {
         "depth": [2, 3, 4],
@@ -66,9 +68,14 @@ SPACE: dict[str, Any] = {
         "batch_norm": [True, False],
     },
     "training": {
-        "learning_rate": [3e-4, 3e-3],
+        "learning_rate": [3e-4, 3e-3],  # adam, adamw (log-uniform)
+        "sgd_learning_rate": [1e-2, 1e-1],  # SGD with Nesterov momentum (log-uniform)
         "batch_size": [32, 64, 128],
         "optimizer": ["adam", "adamw", "sgd"],
+        "weight_decay": [0.0, 1e-4, 5e-4],
+        "label_smoothing": [0.0, 0.1],
+        "mixup": [0.0, 0.2],
+        "lr_schedule": ["constant", "cosine"],
     },
 }
 
@@ -76,6 +83,8 @@ AUGMENTATIONS: dict[str, dict[str, Any]] = {
     "none": {"flip": False, "shift": 0.0, "rotation": 0.0, "zoom": 0.0},
     "light": {"flip": True, "shift": 0.05, "rotation": 0.0, "zoom": 0.0},
     "strong": {"flip": True, "shift": 0.1, "rotation": 0.05, "zoom": 0.1},
+    # Pad-and-crop by 4 pixels with flips, as in most published FER2013 training code.
+    "crop": {"flip": True, "crop": 4},
 }
 
 
@@ -87,50 +96,138 @@ def parse_families(text: str) -> tuple[str, ...]:
     return names
 
 
-def _log_uniform(rng: random.Random, low: float, high: float) -> float:
-    return math.exp(rng.uniform(math.log(low), math.log(high)))
+def define_space(trial: Any, families: tuple[str, ...]) -> dict[str, Any]:
+    """Optuna define-by-run space (Ray Tune's `OptunaSearch(space=...)`): family-conditional
+    parameters, flat names. Returns the constants (the family where only one is searched)."""
+    constants: dict[str, Any] = {}
+    if len(families) > 1:
+        family = trial.suggest_categorical("family", list(families))
+    else:
+        family = constants["family"] = families[0]
+    if family == "cnn":
+        cnn = SPACE["cnn"]
+        trial.suggest_categorical("cnn.blocks", cnn["blocks"])
+        trial.suggest_categorical("cnn.base_filters", cnn["base_filters"])
+        trial.suggest_categorical("cnn.convs_per_block", cnn["convs_per_block"])
+        trial.suggest_categorical("cnn.kernel_size", cnn["kernel_size"])
+        trial.suggest_categorical("cnn.pooling", cnn["pooling"])
+        trial.suggest_categorical("cnn.batch_norm", cnn["batch_norm"])
+        trial.suggest_categorical("cnn.residual", cnn["residual"])
+        trial.suggest_categorical("cnn.head_pooling", cnn["head_pooling"])
+        trial.suggest_float("cnn.dropout", *cnn["dropout"])
+        # Optuna's choices must be plain scalars: the hidden layers as text.
+        trial.suggest_categorical("cnn.dense_units", [_units_text(u) for u in cnn["dense_units"]])
+        trial.suggest_categorical("cnn.normalization", cnn["normalization"])
+        trial.suggest_categorical("cnn.augmentation", cnn["augmentation"])
+    else:
+        dnn = SPACE["dnn"]
+        trial.suggest_categorical("dnn.depth", dnn["depth"])
+        trial.suggest_categorical("dnn.width", dnn["width"])
+        trial.suggest_float("dnn.dropout", *dnn["dropout"])
+        trial.suggest_categorical("dnn.batch_norm", dnn["batch_norm"])
+    training = SPACE["training"]
+    optimizer = trial.suggest_categorical("training.optimizer", training["optimizer"])
+    # SGD needs a rate ten times Adam's: two parameters, so each keeps one distribution.
+    if optimizer == "sgd":
+        trial.suggest_float("training.sgd_learning_rate", *training["sgd_learning_rate"], log=True)
+    else:
+        trial.suggest_float("training.learning_rate", *training["learning_rate"], log=True)
+    for name in ("batch_size", "weight_decay", "label_smoothing", "mixup", "lr_schedule"):
+        trial.suggest_categorical(f"training.{name}", training[name])
+    return constants
 
 
-def sample_cnn(rng: random.Random) -> CNNConfig:
-    space = SPACE["cnn"]
-    blocks = rng.choice(space["blocks"])
-    base = rng.choice(space["base_filters"])
-    return CNNConfig(
-        filters=tuple(min(base * 2**i, 512) for i in range(blocks)),
-        convs_per_block=rng.choice(space["convs_per_block"]),
-        kernel_size=rng.choice(space["kernel_size"]),
-        pooling=rng.choice(space["pooling"]),
-        batch_norm=rng.choice(space["batch_norm"]),
-        dropout=round(rng.uniform(*space["dropout"]), 2),
-        dense_units=tuple(rng.choice(space["dense_units"])),
-        normalization=rng.choice(space["normalization"]),
-        augmentation=AUGMENTATIONS[rng.choice(space["augmentation"])],
-    )
+class Space:
+    """`define_space` for some families, as a picklable callable (the searcher that holds it
+    is checkpointed with the search)."""
+
+    def __init__(self, families: tuple[str, ...]) -> None:
+        self.families = families
+
+    def __call__(self, trial: Any) -> dict[str, Any]:
+        return define_space(trial, self.families)
 
 
-def sample_dnn(rng: random.Random) -> DNNConfig:
-    space = SPACE["dnn"]
-    depth = rng.choice(space["depth"])
-    width = rng.choice(space["width"])
+def _units_text(units: list[int] | tuple[int, ...]) -> str:
+    return ",".join(str(u) for u in units) or "none"
+
+
+def _units(text: str) -> tuple[int, ...]:
+    return () if text == "none" else tuple(int(u) for u in text.split(","))
+
+
+def model_from_params(params: dict[str, Any]) -> CNNConfig | DNNConfig:
+    """The model config a point of `define_space` stands for."""
+    if params["family"] == "cnn":
+        blocks, base = int(params["cnn.blocks"]), int(params["cnn.base_filters"])
+        return CNNConfig(
+            filters=tuple(min(base * 2**i, 512) for i in range(blocks)),
+            convs_per_block=int(params["cnn.convs_per_block"]),
+            kernel_size=int(params["cnn.kernel_size"]),
+            pooling=params["cnn.pooling"],
+            batch_norm=bool(params["cnn.batch_norm"]),
+            residual=bool(params["cnn.residual"]),
+            head_pooling=params["cnn.head_pooling"],
+            dropout=round(float(params["cnn.dropout"]), 3),
+            dense_units=_units(params["cnn.dense_units"]),
+            normalization=params["cnn.normalization"],
+            augmentation=AUGMENTATIONS[params["cnn.augmentation"]],
+        )
+    depth, width = int(params["dnn.depth"]), int(params["dnn.width"])
     return DNNConfig(
         hidden_units=tuple(max(64, width // 2**i) for i in range(depth)),
-        dropout=round(rng.uniform(*space["dropout"]), 2),
-        batch_norm=rng.choice(space["batch_norm"]),
+        dropout=round(float(params["dnn.dropout"]), 3),
+        batch_norm=bool(params["dnn.batch_norm"]),
         normalization="standardize",
     )
 
 
-def sample_training(rng: random.Random, max_epochs: int, seed: int) -> dict[str, Any]:
-    space = SPACE["training"]
-    batch = rng.choice(space["batch_size"])
+def training_from_params(params: dict[str, Any], max_epochs: int, seed: int) -> dict[str, Any]:
+    """The training fields (jobs.training.TrainingConfig) a point of `define_space` stands for."""
+    optimizer = params["training.optimizer"]
+    rate_key = "training.sgd_learning_rate" if optimizer == "sgd" else "training.learning_rate"
+    batch = int(params["training.batch_size"])
     return {
         "batch_size": batch,
         "micro_batch_size": batch,
-        "learning_rate": round(_log_uniform(rng, *space["learning_rate"]), 6),
-        "optimizer": rng.choice(space["optimizer"]),
+        "learning_rate": round(float(params[rate_key]), 6),
+        "optimizer": optimizer,
         "max_epochs": max_epochs,
         "seed": seed,
+        "lr_schedule": params["training.lr_schedule"],
+        "weight_decay": float(params["training.weight_decay"]),
+        "label_smoothing": float(params["training.label_smoothing"]),
+        "mixup": float(params["training.mixup"]),
     }
+
+
+def fast_cnn_point(families: tuple[str, ...]) -> dict[str, Any]:
+    """FAST_CNN trained as the fixed points are, as a point of `define_space` (the searcher
+    evaluates it first and learns from it like from its own proposals)."""
+    point: dict[str, Any] = {
+        "cnn.blocks": 4,
+        "cnn.base_filters": 32,
+        "cnn.convs_per_block": 1,
+        "cnn.kernel_size": 3,
+        "cnn.pooling": "max",
+        "cnn.batch_norm": True,
+        "cnn.residual": False,
+        "cnn.head_pooling": "flatten",
+        "cnn.dropout": 0.3,
+        "cnn.dense_units": "256",
+        "cnn.normalization": "standardize",
+        "cnn.augmentation": "strong",
+        "training.optimizer": "adam",
+        "training.learning_rate": 0.001,
+        "training.batch_size": 64,
+        "training.weight_decay": 0.0,
+        "training.label_smoothing": 0.0,
+        "training.mixup": 0.0,
+        "training.lr_schedule": "constant",
+    }
+    if len(families) > 1:
+        point["family"] = "cnn"
+    return point
 
 
 def fixed_points(families: tuple[str, ...], max_epochs: int, seed: int) -> list[dict[str, Any]]:
@@ -138,7 +235,8 @@ def fixed_points(families: tuple[str, ...], max_epochs: int, seed: int) -> list[
     trained as in the coursework (Adam, batch 64).
 
     Cheap first: Tune launches in this order, and on a laptop CPU one SEED2017 epoch takes
-    tens of minutes, so a time-boxed search must not wait behind it.
+    tens of minutes, so a time-boxed search must not wait behind it. The first is also a point
+    of the adaptive space (`fast_cnn_point`); the coursework pair lies outside it.
     """
     training = {
         "batch_size": 64,
@@ -167,29 +265,3 @@ def fixed_points(families: tuple[str, ...], max_epochs: int, seed: int) -> list[
     if "cnn" in families:
         points.append({"name": "seed2017", "model": config_to_dict(SEED2017), "training": training})
     return points
-
-
-def sample_plans(
-    families: tuple[str, ...], num_samples: int, max_epochs: int, seed: int
-) -> list[dict[str, Any]]:
-    """`num_samples` trial plans: the fixed points first, then random configs alternating families.
-
-    Deterministic for a seed; each plan is {"name", "model" (config dict), "training"}.
-    """
-    if num_samples < 1:
-        raise ValueError(f"num_samples: expected >= 1, got {num_samples}")
-    rng = random.Random(seed)
-    plans = fixed_points(families, max_epochs, seed)[:num_samples]
-    index = 0
-    while len(plans) < num_samples:
-        family = families[index % len(families)]
-        model = sample_cnn(rng) if family == "cnn" else sample_dnn(rng)
-        plans.append(
-            {
-                "name": f"{family}-{len(plans):03d}",
-                "model": config_to_dict(model),
-                "training": sample_training(rng, max_epochs, seed),
-            }
-        )
-        index += 1
-    return plans

@@ -24,6 +24,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from ray import tune
 
 from jobs import artifacts as layout
+from jobs.proposals import flat_params, placed_from_config
 
 log = logging.getLogger(__name__)
 
@@ -129,23 +130,6 @@ class TrackingQueue:
                 raise TrackingUnavailable(message)
             time.sleep(delay)
             delay = min(delay * 2, 10.0)
-
-
-def _flat_params(plan: dict[str, Any], placement: dict[str, Any]) -> dict[str, str]:
-    params = {
-        "family": plan["model"]["family"],
-        "plan_name": plan["name"],
-        "param_count": str(placement["param_count"]),
-        "estimated_memory_mb": f"{placement['estimated_mb']:.1f}",
-        "placement": placement["status"],
-    }
-    for key, value in plan["training"].items():
-        params[key] = str(value)
-    for key, value in plan["model"].items():
-        if key != "family":
-            text = json.dumps(value) if isinstance(value, dict | list | tuple) else str(value)
-            params[f"model.{key}"] = text[:6000]
-    return params
 
 
 def run_config_json(
@@ -254,14 +238,12 @@ class MLflowTrialLogger(tune.Callback):
         tracking_uri: str,
         experiment_id: str,
         parent_run_id: str,
-        plans: dict[str, dict[str, Any]],
         data_info: dict[str, Any],
         time_budget_s: float | None = None,
     ) -> None:
         self.tracking_uri = tracking_uri
         self.experiment_id = experiment_id
         self.parent_run_id = parent_run_id
-        self.plans = plans  # plan name -> {"plan": ..., "placement": ...}
         self.data_info = data_info
         self.time_budget_s = time_budget_s
         self._init_state()
@@ -281,7 +263,6 @@ class MLflowTrialLogger(tune.Callback):
             "tracking_uri",
             "experiment_id",
             "parent_run_id",
-            "plans",
             "data_info",
             "time_budget_s",
         )
@@ -320,16 +301,17 @@ class MLflowTrialLogger(tune.Callback):
         trial_id = trial.trial_id
         if trial_id in self.run_ids:
             return
-        plan_name = trial.config["plan"]
-        entry = self.plans[plan_name]
+        placed = placed_from_config(trial.config)
+        plan_name = placed.plan.name
         tags = {
             MLFLOW_PARENT_RUN_ID: self.parent_run_id,
             layout.TAG_ROLE: "trial",
-            layout.TAG_FAMILY: entry["plan"]["model"]["family"],
+            layout.TAG_FAMILY: placed.plan.model["family"],
             layout.TAG_TRIAL_ID: trial_id,
             "fer.plan_name": plan_name,
+            "fer.phase": placed.plan.phase,
         }
-        params = _flat_params(entry["plan"], entry["placement"])
+        params = flat_params(placed)
         self.logged_epochs.setdefault(trial_id, set())
 
         def create() -> None:
@@ -404,9 +386,8 @@ class MLflowTrialLogger(tune.Callback):
         if trial_id in self.completed:
             return
         self.completed.add(trial_id)
-        plan = config["plans"][config["plan"]]
-        entry = self.plans[plan["name"]]
-        max_epochs = int(plan["training"]["max_epochs"])
+        placed = placed_from_config(config)
+        max_epochs = int(placed.plan.training["max_epochs"])
         epochs_done = int((last_result or {}).get("epoch", 0))
         if error is not None:
             status, tag = "FAILED", "failed"
@@ -424,12 +405,14 @@ class MLflowTrialLogger(tune.Callback):
         if checkpoint is not None and error is None:
             staged = Path(tempfile.mkdtemp(prefix="fer-model-"))
             checkpoint.to_directory(str(staged))
-        training = dict(plan["training"])
+        training = dict(placed.plan.training)
         if last_result:
             training["micro_batch_size"] = int(
                 last_result.get("micro_batch_size", training["micro_batch_size"])
             )
-        run_config = run_config_json(entry["plan"], entry["placement"], self.data_info, training)
+        run_config = run_config_json(
+            placed.plan.to_dict(), placed.placement, self.data_info, training
+        )
 
         def finish() -> None:
             run_id = self.run_ids[trial_id]

@@ -40,6 +40,13 @@ class TrainingConfig:
     max_epochs: int = 10
     seed: int = 2017
     lr_schedule: str = "constant"
+    # Decoupled weight decay of every optimizer; 0 for AdamW means its usual 1e-4.
+    weight_decay: float = 0.0
+    label_smoothing: float = 0.0
+    mixup: float = 0.0  # Beta(alpha, alpha) of mixup (Zhang et al. 2018); 0: off
+    # Stratified share of the training rows this run sees: a lower-fidelity trial
+    # (BENCHMARKS.md, "Budget search"). Validation always uses every row.
+    train_fraction: float = 1.0
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
@@ -62,6 +69,23 @@ class TrainingConfig:
             raise ValueError(f"learning_rate: expected > 0, got {self.learning_rate}")
         if self.max_epochs < 1:
             raise ValueError(f"max_epochs: expected >= 1, got {self.max_epochs}")
+        for name, low, high in (
+            ("weight_decay", 0.0, 0.1),
+            ("label_smoothing", 0.0, 0.5),
+            ("mixup", 0.0, 2.0),
+        ):
+            value = getattr(self, name)
+            if not (isinstance(value, int | float) and low <= value <= high):
+                raise ValueError(f"{name}: expected a number in [{low}, {high}], got {value!r}")
+        if not (isinstance(self.train_fraction, int | float) and 0 < self.train_fraction <= 1):
+            raise ValueError(
+                f"train_fraction: expected a number in (0, 1], got {self.train_fraction!r}"
+            )
+
+    @property
+    def soft_labels(self) -> bool:
+        """Label smoothing and mixup train on one-hot (mixed) labels, not class indices."""
+        return self.label_smoothing > 0 or self.mixup > 0
 
     @property
     def accumulation_steps(self) -> int:
@@ -103,27 +127,38 @@ def learning_rate_at(config: TrainingConfig, epoch: int) -> float:
     return config.learning_rate
 
 
+ADAMW_DEFAULT_DECAY = 1e-4
+
+
 def make_optimizer(config: TrainingConfig) -> Any:
     import keras
 
     kwargs: dict[str, Any] = {"learning_rate": config.learning_rate}
     if config.accumulation_steps > 1:
         kwargs["gradient_accumulation_steps"] = config.accumulation_steps
+    if config.optimizer == "adamw":
+        return keras.optimizers.AdamW(
+            weight_decay=config.weight_decay or ADAMW_DEFAULT_DECAY, **kwargs
+        )
+    if config.weight_decay > 0:
+        kwargs["weight_decay"] = config.weight_decay
     if config.optimizer == "adam":
         return keras.optimizers.Adam(**kwargs)
-    if config.optimizer == "adamw":
-        return keras.optimizers.AdamW(weight_decay=1e-4, **kwargs)
     if config.optimizer == "sgd":
         return keras.optimizers.SGD(momentum=0.9, nesterov=True, **kwargs)
     return keras.optimizers.RMSprop(**kwargs)
 
 
 def compile_model(model: Any, config: TrainingConfig) -> None:
-    model.compile(
-        optimizer=make_optimizer(config),
-        loss="sparse_categorical_crossentropy",
-        metrics=["accuracy"],
-    )
+    import keras
+
+    if config.soft_labels:
+        # The batches carry one-hot (or mixed) labels: see EpochLoop._batches.
+        loss: Any = keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing)
+        metrics: list[Any] = [keras.metrics.CategoricalAccuracy(name="accuracy")]
+    else:
+        loss, metrics = "sparse_categorical_crossentropy", ["accuracy"]
+    model.compile(optimizer=make_optimizer(config), loss=loss, metrics=metrics)
 
 
 def _transfer_optimizer_state(old: Any, new: Any, model: Any) -> None:
@@ -134,6 +169,16 @@ def _transfer_optimizer_state(old: Any, new: Any, model: Any) -> None:
         source = by_key.get(variable.path.split("/", 1)[-1])
         if source is not None and tuple(source.shape) == tuple(variable.shape):
             variable.assign(source)
+
+
+def _training_share(data: TrainData, config: TrainingConfig) -> TrainData:
+    """`data` with a stratified `config.train_fraction` of its training rows (seeded)."""
+    if config.train_fraction >= 1.0:
+        return data
+    from model.batches import stratified_indices
+
+    keep = stratified_indices(data.y_train, config.train_fraction, config.seed)
+    return replace(data, x_train=data.x_train[keep], y_train=data.y_train[keep])
 
 
 class InjectedOOM:
@@ -181,7 +226,7 @@ class EpochLoop:
         fault: InjectedOOM | None = None,
     ) -> None:
         self.build_model = build_model
-        self.data = data
+        self.data = _training_share(data, config)
         self.config = config
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -242,7 +287,7 @@ class EpochLoop:
         model/batches.py for why not `fit(x, y)`)."""
         import tensorflow as tf
 
-        from model.batches import array_batches, epoch_seed
+        from model.batches import array_batches, epoch_seed, mixup, one_hot
 
         if self._tensors is None:
             data = self.data
@@ -252,11 +297,16 @@ class EpochLoop:
             )
         x_train, y_train, x_val, y_val = self._tensors
         micro = self.state.micro_batch_size
+        soft = self.config.soft_labels
         if self._val_batches is None or self._val_batches[0] != micro:
-            self._val_batches = (micro, array_batches(x_val, y_val, micro))
-        train = array_batches(
-            x_train, y_train, micro, shuffle_seed=epoch_seed(self.config.seed, epoch)
-        )
+            validation = array_batches(x_val, y_val, micro)
+            self._val_batches = (micro, one_hot(validation) if soft else validation)
+        seed = epoch_seed(self.config.seed, epoch)
+        train = array_batches(x_train, y_train, micro, shuffle_seed=seed)
+        if soft:
+            train = one_hot(train)
+        if self.config.mixup > 0:
+            train = mixup(train, self.config.mixup, seed)
         return train, self._val_batches[1]
 
     def _one_epoch(self, epoch: int) -> dict[str, float]:

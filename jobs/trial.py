@@ -91,12 +91,12 @@ def _training_config(config: dict[str, Any]) -> TrainingConfig:
 
 
 def plan_of(config: dict[str, Any]) -> dict[str, Any]:
-    """The planned trial a Tune config stands for (`config["plan"]` names it)."""
-    return config["plans"][config["plan"]]
+    """The placed trial a Tune config carries (`jobs.proposals.PlacedTrial.tune_config`)."""
+    return config["trial"]
 
 
 def train_trial(config: dict[str, Any], data: dict[str, Any] | None = None) -> None:
-    """Tune trainable: trains the planned trial `plan_of(config)` (see jobs/space.py)."""
+    """Tune trainable: trains the placed trial `plan_of(config)` (see jobs/proposals.py)."""
     from ray import tune
 
     entered = time.perf_counter()

@@ -58,3 +58,50 @@ def array_batches(
     options.experimental_optimization.apply_default_optimizations = False
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
     return dataset.with_options(options)
+
+
+def one_hot(dataset: Any, classes: int = 7) -> Any:
+    """`(x, class index)` batches as `(x, one-hot float32)` batches."""
+    import tensorflow as tf
+
+    return dataset.map(lambda x, y: (x, tf.one_hot(tf.cast(y, tf.int32), classes)))
+
+
+def mixup(dataset: Any, alpha: float, seed: int) -> Any:
+    """Mixup (Zhang et al. 2018) of one-hot batches: each row mixed with another row of its
+    batch, by a weight drawn from Beta(alpha, alpha). Seeded by (seed, batch index)."""
+    import tensorflow as tf
+
+    if not alpha > 0:
+        raise ValueError(f"mixup alpha: expected > 0, got {alpha}")
+
+    def mix(index: Any, batch: Any) -> Any:
+        x, y = batch
+        rows = tf.shape(x)[0]
+        base = tf.stack([tf.constant(seed % (1 << 31), tf.int64), index])
+        first = tf.random.stateless_gamma([rows], base, alpha=alpha)
+        second = tf.random.stateless_gamma([rows], base + [0, 1 << 32], alpha=alpha)
+        weight = first / (first + second)
+        partner = tf.random.experimental.stateless_shuffle(tf.range(rows), base + [1, 0])
+        weight_x = tf.reshape(tf.cast(weight, x.dtype), [-1, 1, 1, 1])
+        weight_y = tf.reshape(tf.cast(weight, y.dtype), [-1, 1])
+        mixed_x = weight_x * x + (1 - weight_x) * tf.gather(x, partner)
+        mixed_y = weight_y * y + (1 - weight_y) * tf.gather(y, partner)
+        return mixed_x, mixed_y
+
+    return dataset.enumerate().map(mix)
+
+
+def stratified_indices(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """Sorted row indices of a stratified sample: round(fraction * n) rows (at least 1) of each
+    label, chosen by `seed`."""
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"fraction: expected a number in (0, 1], got {fraction!r}")
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    chosen = []
+    for label in np.unique(labels):
+        rows = np.flatnonzero(labels == label)
+        keep = max(1, int(np.floor(fraction * len(rows) + 0.5)))
+        chosen.append(rng.permutation(rows)[:keep])
+    return np.sort(np.concatenate(chosen)) if chosen else np.zeros(0, np.int64)

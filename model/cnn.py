@@ -158,9 +158,11 @@ class CNNConfig:
     """A CNN architecture.
 
     `layers`, when given, replaces the block-based generator (`filters`, `convs_per_block`,
-    `kernel_size`, `pooling` are then ignored; dropout inside the extractor comes from its
-    dropout specs). `dropout` always applies after each hidden dense layer, and in block mode
-    after each block; `batch_norm` goes after every conv and hidden dense layer.
+    `kernel_size`, `pooling`, `residual` are then ignored; dropout inside the extractor comes
+    from its dropout specs). `dropout` always applies after each hidden dense layer, and in
+    block mode after each block; `batch_norm` goes after every conv and hidden dense layer.
+    `residual` (block mode) adds each block's input to its last conv's output before the
+    activation (He et al. 2016), through a 1x1 conv where the channel count changes.
     """
 
     filters: tuple[int, ...] = (32, 64, 128)
@@ -175,6 +177,7 @@ class CNNConfig:
     normalization: str = "rescale"
     augmentation: AugmentationConfig = field(default_factory=AugmentationConfig)
     layers: tuple[LayerSpec, ...] | None = None
+    residual: bool = False
 
     def __post_init__(self) -> None:
         # Lists and dicts (from JSON) are normalised to tuples and dataclasses, so equality and
@@ -186,6 +189,8 @@ class CNNConfig:
         _check_choice("pooling", self.pooling, POOLINGS)
         if not isinstance(self.batch_norm, bool):
             raise ValueError(f"batch_norm: expected a bool, found {self.batch_norm!r}")
+        if not isinstance(self.residual, bool):
+            raise ValueError(f"residual: expected a bool, found {self.residual!r}")
         set_(self, "dropout", _check_rate("dropout", self.dropout))
         set_(self, "dense_units", _int_tuple("dense_units", self.dense_units, allow_empty=True))
         _check_choice("activation", self.activation, ACTIVATIONS)
@@ -300,25 +305,16 @@ def build_cnn(config: CNNConfig, stats: tuple[np.ndarray, np.ndarray] | None = N
         raise ValueError(f"config: expected CNNConfig, found {type(config).__name__}")
     inputs = image_input()
     x = preprocessing_block(inputs, config.normalization, config.augmentation, stats)
+    residual = config.residual and config.layers is None
+    block_input = x
     for layer_name, spec in _named_specs(config):
         if isinstance(spec, ConvSpec):
-            # With batch norm the conv bias is redundant (BN's beta plays its role) and the
-            # activation must come after BN, so it cannot be fused into the conv.
-            fused = not config.batch_norm
-            x = keras.layers.Conv2D(
-                spec.filters,
-                spec.kernel_size,
-                strides=spec.strides,
-                padding=spec.padding,
-                activation=config.activation if fused else None,
-                use_bias=not config.batch_norm,
-                name=layer_name,
-            )(x)
-            if config.batch_norm:
-                x = keras.layers.BatchNormalization(name=f"{layer_name}_bn")(x)
-            if not fused:
-                act_name = f"{layer_name}_{config.activation}"
-                x = keras.layers.Activation(config.activation, name=act_name)(x)
+            block = layer_name.split("_", 1)[0]
+            last_of_block = layer_name == f"{block}_conv{config.convs_per_block}"
+            if residual and last_of_block:
+                x = _residual_conv(x, block_input, spec, layer_name, block, config)
+            else:
+                x = _conv(x, spec, layer_name, config, activate=True)
         elif isinstance(spec, PoolSpec):
             pool_cls = (
                 keras.layers.MaxPooling2D if spec.kind == "max" else keras.layers.AveragePooling2D
@@ -328,6 +324,8 @@ def build_cnn(config: CNNConfig, stats: tuple[np.ndarray, np.ndarray] | None = N
             x = keras.layers.ZeroPadding2D(spec.padding, name=layer_name)(x)
         else:
             x = keras.layers.Dropout(spec.rate, name=layer_name)(x)
+        if residual and layer_name.endswith(("pool", "dropout")):
+            block_input = x  # the next block's shortcut starts after this pool (and dropout)
 
     if config.head_pooling == "flatten":
         x = keras.layers.Flatten(name="flatten")(x)
@@ -339,6 +337,49 @@ def build_cnn(config: CNNConfig, stats: tuple[np.ndarray, np.ndarray] | None = N
         x, config.dense_units, config.dropout, config.batch_norm, config.activation
     )
     return keras.Model(inputs, outputs, name="cnn")
+
+
+def _conv(
+    x: keras.KerasTensor, spec: ConvSpec, name: str, config: CNNConfig, activate: bool
+) -> keras.KerasTensor:
+    """Conv2D [-> BN] [-> activation]."""
+    # With batch norm the conv bias is redundant (BN's beta plays its role) and the activation
+    # must come after BN, so it cannot be fused into the conv.
+    fused = activate and not config.batch_norm
+    x = keras.layers.Conv2D(
+        spec.filters,
+        spec.kernel_size,
+        strides=spec.strides,
+        padding=spec.padding,
+        activation=config.activation if fused else None,
+        use_bias=not config.batch_norm,
+        name=name,
+    )(x)
+    if config.batch_norm:
+        x = keras.layers.BatchNormalization(name=f"{name}_bn")(x)
+    if activate and not fused:
+        x = keras.layers.Activation(config.activation, name=f"{name}_{config.activation}")(x)
+    return x
+
+
+def _residual_conv(
+    x: keras.KerasTensor,
+    block_input: keras.KerasTensor,
+    spec: ConvSpec,
+    name: str,
+    block: str,
+    config: CNNConfig,
+) -> keras.KerasTensor:
+    """The block's last conv, plus the block's input (projected where channels differ),
+    then the activation."""
+    x = _conv(x, spec, name, config, activate=False)
+    shortcut = block_input
+    if block_input.shape[-1] != spec.filters:
+        shortcut = _conv(
+            block_input, ConvSpec(spec.filters, 1, 1, "same"), f"{block}_shortcut", config, False
+        )
+    x = keras.layers.Add(name=f"{block}_add")([x, shortcut])
+    return keras.layers.Activation(config.activation, name=f"{block}_{config.activation}")(x)
 
 
 # ---------------------------------------------------------------- SEED2017 preset

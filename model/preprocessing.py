@@ -16,6 +16,7 @@ import numpy as np
 IMAGE_SHAPE: tuple[int, int, int] = (48, 48, 1)
 NUM_CLASSES = 7
 NORMALIZATIONS: tuple[str, ...] = ("rescale", "standardize", "none")
+MAX_CROP = 12  # a quarter of the image: beyond that a crop loses the face
 
 # Statistics are accumulated in float64 over chunks: exact enough and bounded memory on 28k images.
 _STATS_CHUNK = 4096
@@ -51,17 +52,29 @@ class AugmentationConfig:
     """Training-only augmentation; each 0 / False disables that layer.
 
     shift: max translation as a fraction of height/width; rotation: max rotation as a fraction
-    of a full turn (Keras `RandomRotation` factor); zoom: max zoom in/out as a fraction.
+    of a full turn (Keras `RandomRotation` factor); zoom: max zoom in/out as a fraction;
+    crop: pad-and-crop by up to this many pixels (zero padding, whole-pixel shifts).
     """
 
     flip: bool = False
     shift: float = 0.0
     rotation: float = 0.0
     zoom: float = 0.0
+    crop: int = 0
 
     def __post_init__(self) -> None:
         if not isinstance(self.flip, bool):
             raise ValueError(f"augmentation.flip: expected a bool, found {self.flip!r}")
+        if (
+            isinstance(self.crop, bool)
+            or not isinstance(self.crop, int | np.integer)
+            or not 0 <= self.crop <= MAX_CROP
+        ):
+            raise ValueError(
+                f"augmentation.crop: expected an int of pixels in [0, {MAX_CROP}], "
+                f"found {self.crop!r}"
+            )
+        object.__setattr__(self, "crop", int(self.crop))
         for name in ("shift", "rotation", "zoom"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float):
@@ -72,7 +85,7 @@ class AugmentationConfig:
 
     @property
     def enabled(self) -> bool:
-        return self.flip or self.shift > 0 or self.rotation > 0 or self.zoom > 0
+        return self.flip or self.shift > 0 or self.rotation > 0 or self.zoom > 0 or self.crop > 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -142,6 +155,18 @@ def preprocessing_block(
     if augmentation.shift > 0:
         x = keras.layers.RandomTranslation(
             augmentation.shift, augmentation.shift, name="augment_shift"
+        )(x)
+    if augmentation.crop > 0:
+        # Pad-and-crop as a whole-pixel zero-filled translation. Not ZeroPadding2D +
+        # RandomCrop: Keras 3.15's RandomCrop returns the padded image unchanged at inference,
+        # so the model's output shape would differ between training and prediction.
+        factor = augmentation.crop / IMAGE_SHAPE[0]
+        x = keras.layers.RandomTranslation(
+            factor,
+            factor,
+            fill_mode="constant",
+            interpolation="nearest",
+            name="augment_crop",
         )(x)
     if augmentation.rotation > 0:
         x = keras.layers.RandomRotation(augmentation.rotation, name="augment_rotation")(x)

@@ -174,7 +174,13 @@ def test_config_to_dict_shape_for_seed2017() -> None:
         "strides": 1,
         "padding": "valid",
     }
-    assert data["augmentation"] == {"flip": False, "shift": 0.0, "rotation": 0.0, "zoom": 0.0}
+    assert data["augmentation"] == {
+        "flip": False,
+        "shift": 0.0,
+        "rotation": 0.0,
+        "zoom": 0.0,
+        "crop": 0,
+    }
     assert data["dense_units"] == [512, 512, 512]
 
 

@@ -31,27 +31,10 @@ from jobs.resources import (
 )
 from jobs.search import plan_trials, run_search
 from jobs.settings import SearchSettings
-from model.configs import config_to_dict
 from model.dnn import DNNConfig
-from viz_helpers import write_fer_csv
+from viz_helpers import dnn_plan, write_fer_csv
 
 LOOPBACK = "127.0.0.1"
-
-
-def dnn_plan(name: str, hidden: tuple[int, ...]) -> dict[str, Any]:
-    """A DNN trial plan: one epoch, batch 32; the hidden sizes set its estimated memory."""
-    return {
-        "name": name,
-        "model": config_to_dict(DNNConfig(hidden_units=hidden, dropout=0.1)),
-        "training": {
-            "batch_size": 32,
-            "micro_batch_size": 32,
-            "learning_rate": 1e-3,
-            "optimizer": "adam",
-            "max_epochs": 1,
-            "seed": 7,
-        },
-    }
 
 
 # One trial that only A's big card holds, three small ones (they differ a little), one that no

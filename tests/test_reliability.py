@@ -33,7 +33,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from jobs.tracking import EPOCH_METRICS
-from viz_helpers import run_config, tiny_dnn, write_fer_csv
+from viz_helpers import dnn_plan, run_config, tiny_dnn, write_fer_csv
 
 pytestmark = pytest.mark.reliability
 
@@ -101,6 +101,9 @@ def search_cmd(data: Path, storage: Path, name: str, **flags: Any) -> list[str]:
         "time_budget_min": 15,
         "register": "false",
         "cpus_per_trial": 1,
+        # One phase on every row: the trials these tests check are exactly the planned ones.
+        "explore_fraction": 1.0,
+        "final_budget_share": 0.0,
     }
     args.update(flags)
     cmd = [
@@ -226,11 +229,12 @@ def tune_results(tune_path: str) -> dict[str, list[dict[str, Any]]]:
 
 
 def planned(settings: Any) -> list[dict[str, Any]]:
-    """The plans a search with these settings will run, in order (names, batch sizes)."""
-    from jobs.space import parse_families, sample_plans
+    """The plans a search with these settings starts first, in order (names, batch sizes):
+    the fixed points, up to num_samples."""
+    from jobs.space import fixed_points, parse_families
 
     families = parse_families(settings.families)
-    return sample_plans(families, settings.num_samples, settings.max_epochs, settings.seed)
+    return fixed_points(families, settings.max_epochs, settings.seed)[: settings.num_samples]
 
 
 def bigger_fer_csv(path: Path) -> Path:
@@ -265,6 +269,8 @@ def test_01_worker_killed_mid_trial_resumes_from_its_checkpoint(
         name="t01",
         register=False,
         cpus_per_trial=2,
+        explore_fraction=1.0,
+        final_budget_share=0.0,
     )
     (plan,) = planned(settings)
     faults = {plan["name"]: {"kill_at_epoch": 2, "kill_marker": str(marker)}}
@@ -557,8 +563,12 @@ def test_05_config_larger_than_every_worker_is_refused_before_launch(
     from jobs.resources import WorkerBudget
     from jobs.search import plan_trials, run_search
     from jobs.settings import SearchSettings
+    from jobs.space import fixed_points
 
     client = sqlite_tracking(monkeypatch, tmp_path, "t05")
+    plans = fixed_points(("dnn",), 2, 2017) + [
+        dnn_plan(f"dnn-{width}", (width,), max_epochs=2) for width in (16, 32, 64)
+    ]
     settings = SearchSettings(
         data=str(write_fer_csv(tmp_path / "fer.csv")),
         families="dnn",
@@ -572,7 +582,7 @@ def test_05_config_larger_than_every_worker_is_refused_before_launch(
     )
     probe = {
         e["plan"]["name"]: e["placement"]
-        for e in plan_trials(settings, WorkerBudget("cpu", 1, "probe"))
+        for e in plan_trials(settings, WorkerBudget("cpu", 1, "probe"), plans)
     }
     # A worker just too small for the param-matched DNN even at its smallest micro-batch.
     budget_mb = probe["dnn-matched"]["min_estimated_mb"] - 0.5
@@ -581,7 +591,7 @@ def test_05_config_larger_than_every_worker_is_refused_before_launch(
     fitting = set(probe) - too_big
     assert "dnn-matched" in too_big and fitting, probe
 
-    result = run_search(settings)
+    result = run_search(settings, plans=plans)
 
     assert set(result.refused) == too_big
     runs = {r.info.run_name: r for r in children(client, result.parent_run_id)}
@@ -626,6 +636,8 @@ def test_06_runtime_oom_halves_the_micro_batch_and_is_recorded(
         register=False,
         worker_memory_gb=16,
         cpus_per_trial=2,
+        explore_fraction=1.0,
+        final_budget_share=0.0,
     )
     (plan,) = planned(settings)
     batch = plan["training"]["batch_size"]

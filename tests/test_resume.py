@@ -43,6 +43,11 @@ def _search_command(data: Path, storage: Path, resume: bool) -> list[str]:
         "false",
         "--time-budget-min",
         "15",
+        # One phase on every row: four trials, the fixed points then the searcher's first.
+        "--explore-fraction",
+        "1",
+        "--final-budget-share",
+        "0",
     ]
 
 

@@ -14,8 +14,19 @@ from jobs import artifacts as layout
 from jobs.resources import GIB, MIB, WorkerBudget, budget_from_nodes, place
 from jobs.search import plan_trials, run_search
 from jobs.settings import SearchSettings
+from jobs.space import fixed_points
 from jobs.tracking import TAG_STOP_REASON
 from viz_helpers import write_fer_csv
+
+
+def big_cnn_plan(name: str) -> dict:
+    """A kernel-5 CNN at batch 128: several times SEED2017's training memory."""
+    from model.configs import CNNConfig, config_to_dict
+
+    config = CNNConfig(filters=(64, 128, 256), convs_per_block=2, kernel_size=5, dense_units=(256,))
+    training = {"batch_size": 128, "micro_batch_size": 128, "learning_rate": 1e-3}
+    training |= {"optimizer": "adam", "max_epochs": 2, "seed": 2017}
+    return {"name": name, "model": config_to_dict(config), "training": training}
 
 
 @pytest.fixture(scope="module")
@@ -70,24 +81,26 @@ def test_search_refuses_what_fits_no_worker_and_tracks_the_rest(
         grace_epochs=1,
         cpus_per_trial=1,
     )
-    # Size the worker just under what cnn-003 (kernel-5 CNN, batch 128) needs at its smallest
-    # micro-batch: it must be refused, SEED2017 (batch 64) downsized, the DNN fit as it is.
-    probe = plan_trials(settings, WorkerBudget("cpu", 1, "probe"))
+    # The fixed points and a kernel-5 CNN at batch 128; the worker is sized just under what
+    # that CNN needs at its smallest micro-batch: it must be refused, SEED2017 (batch 64)
+    # downsized, the DNN fit as it is.
+    plans = fixed_points(("cnn", "dnn"), 2, 2017) + [big_cnn_plan("cnn-big")]
+    probe = plan_trials(settings, WorkerBudget("cpu", 1, "probe"), plans)
     smallest = {e["plan"]["name"]: e["placement"]["min_estimated_mb"] for e in probe}
-    budget_mb = smallest["cnn-003"] - 0.5
+    budget_mb = smallest["cnn-big"] - 0.5
     settings.worker_memory_gb = budget_mb / 1024
-    entries = plan_trials(settings, WorkerBudget("cpu", int(budget_mb * MIB), "test"))
+    entries = plan_trials(settings, WorkerBudget("cpu", int(budget_mb * MIB), "test"), plans)
     status = {e["plan"]["name"]: e["placement"]["status"] for e in entries}
     assert status.pop("cnn-fast") in {"fits", "downsized"}
-    assert status == {"seed2017": "downsized", "dnn-matched": "fits", "cnn-003": "does_not_fit"}, (
+    assert status == {"seed2017": "downsized", "dnn-matched": "fits", "cnn-big": "does_not_fit"}, (
         status,
         smallest,
     )
-    largest = "cnn-003"
+    largest = "cnn-big"
 
     staging = Path(tempfile.gettempdir())
     staged_before = set(staging.glob("fer-model-*"))
-    result = run_search(settings)
+    result = run_search(settings, plans=plans)
 
     # Each model was staged for upload in the temp dir, and removed once logged.
     assert set(staging.glob("fer-model-*")) == staged_before

@@ -78,7 +78,7 @@ def test_an_early_stop_is_put_down_to_the_budget_only_once_it_is_spent(tmp_path:
     import time
 
     def logger(budget_s: float | None) -> MLflowTrialLogger:
-        return MLflowTrialLogger(f"sqlite:///{tmp_path}/mlflow.db", "0", "p", {}, {}, budget_s)
+        return MLflowTrialLogger(f"sqlite:///{tmp_path}/mlflow.db", "0", "p", {}, budget_s)
 
     with_budget = logger(600.0)
     with_budget.deadline = None  # as before Tune calls setup()

@@ -1,0 +1,310 @@
+"""The search's parent run and the model registry: what the search says about itself in MLflow.
+
+Opens (or finds, on resume) the parent run, logs the settings, versions and the space, and at
+the end summarises the children: `search/trials.csv`, `search/budget.json` (how the budget was
+spent), the best run, and the `fer2013-expression@champion` registration.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import os
+import platform
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from jobs import artifacts as layout
+from jobs.settings import SearchSettings, as_dict
+
+log = logging.getLogger("jobs.search")
+
+TAG_SEARCH_NAME = "fer.search_name"
+TAG_TUNE_PATH = "fer.tune_path"
+TAG_MODEL_URI = "fer.model_uri"
+REFUSED_STATUSES = ("does_not_fit", "over_budget")
+
+
+@dataclass
+class SearchResult:
+    parent_run_id: str
+    best_run_id: str | None
+    best_val_accuracy: float | None
+    tune_path: str
+    trials: list[dict[str, Any]] = field(default_factory=list)
+    refused: list[str] = field(default_factory=list)
+    wall_seconds: float = 0.0
+
+
+def experiment_id(client: Any) -> str:
+    env_id = os.environ.get("MLFLOW_EXPERIMENT_ID")
+    if env_id:
+        return env_id
+    name = os.environ.get("MLFLOW_EXPERIMENT_NAME")
+    if name:
+        # Not mlflow.set_experiment: it exports MLFLOW_EXPERIMENT_ID into this process's
+        # environment, which then outlives the search (a later search or `mlflow run` in the
+        # same process would log into, or refuse, that stale id).
+        found = client.get_experiment_by_name(name)
+        return found.experiment_id if found is not None else client.create_experiment(name)
+    return "0"
+
+
+def find_parent(client: Any, experiment: str, name: str) -> Any | None:
+    runs = client.search_runs(
+        [experiment],
+        filter_string=(
+            f"tags.`{layout.TAG_ROLE}` = 'search' and tags.`{TAG_SEARCH_NAME}` = '{name}'"
+        ),
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    return runs[0] if runs else None
+
+
+def open_parent(
+    client: Any, experiment: str, settings: SearchSettings, storage: str
+) -> tuple[str, str, bool]:
+    """(parent run id, Tune path, resumed): the earlier search's on resume, else a new one."""
+    launched_run = os.environ.get("MLFLOW_RUN_ID")  # set by `mlflow run`
+    parent = find_parent(client, experiment, settings.name) if settings.resume else None
+    if settings.resume and parent is None:
+        raise ValueError(
+            f"resume: no earlier search named {settings.name!r} in experiment {experiment}; "
+            f"run once with resume=false first"
+        )
+    if parent is not None:
+        parent_id = parent.info.run_id
+        if launched_run and launched_run != parent_id:
+            client.set_tag(launched_run, layout.TAG_ROLE, "search_resume")
+            client.set_tag(launched_run, "fer.resumed_parent", parent_id)
+        client.update_run(parent_id, status="RUNNING")
+        return parent_id, parent.data.tags[TAG_TUNE_PATH], True
+    name = f"{settings.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    parent_id = launched_run or client.create_run(experiment, run_name=settings.name).info.run_id
+    return parent_id, f"{storage}/{name}", False
+
+
+def log_parent(
+    client: Any,
+    parent_id: str,
+    settings: SearchSettings,
+    budget: Any,
+    planned: list[dict[str, Any]],
+    data_info: dict[str, Any],
+    tune_path: str,
+    calibration: Any,
+) -> None:
+    """Settings, versions, the worker budget, the calibration and the space of a new search."""
+    import keras
+    import mlflow
+    import ray
+    import tensorflow as tf
+    from mlflow.entities import Metric, Param
+
+    from jobs.space import AUGMENTATIONS, SPACE
+
+    params = {f"search.{k}": str(v) for k, v in as_dict(settings).items()}
+    params["data_sha256"] = data_info["sha256"]
+    tags = {
+        layout.TAG_ROLE: "search",
+        TAG_SEARCH_NAME: settings.name,
+        TAG_TUNE_PATH: tune_path,
+        layout.TAG_DATA_SHA: data_info["sha256"],
+        "fer.worker_budget": budget.describe(),
+        "version.tensorflow": tf.__version__,
+        "version.keras": keras.__version__,
+        "version.ray": ray.__version__,
+        "version.mlflow": mlflow.__version__,
+        "version.python": platform.python_version(),
+    }
+    metrics = []
+    if calibration is not None:
+        now = int(time.time() * 1000)
+        tags["fer.calibration"] = json.dumps(calibration.to_dict())
+        metrics.append(
+            Metric("reference_images_per_second", calibration.reference_images_per_second, now, 0)
+        )
+    client.log_batch(
+        parent_id,
+        params=[Param(k, v) for k, v in params.items()],
+        metrics=metrics,
+        tags=[_tag(k, v) for k, v in tags.items()],
+    )
+    client.log_text(
+        parent_id,
+        json.dumps(
+            {"space": SPACE, "augmentations": AUGMENTATIONS, "plans": planned},
+            indent=2,
+            default=str,
+        ),
+        "search/space.json",
+    )
+
+
+def _tag(key: str, value: str) -> Any:
+    from mlflow.entities import RunTag
+
+    return RunTag(key, value)
+
+
+def _trials_csv(rows: list[dict[str, Any]]) -> str:
+    columns = sorted({key for row in rows for key in row})
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def children(client: Any, parent_id: str) -> list[Any]:
+    from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+    experiment = client.get_run(parent_id).info.experiment_id
+    return client.search_runs(
+        [experiment],
+        filter_string=f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent_id}'",
+        max_results=5000,
+    )
+
+
+def budget_report(client: Any, runs: list[Any], settings: SearchSettings) -> dict[str, Any]:
+    """How the budget was spent: minutes, epochs, stop reason and time estimate per trial."""
+    trials = []
+    errors = []
+    for run in sorted(runs, key=lambda r: r.info.start_time):
+        tags, params = run.data.tags, run.data.params
+        seconds = [m.value for m in client.get_metric_history(run.info.run_id, "epoch_seconds")]
+        estimate = float(params.get("estimated_epoch_seconds", 0) or 0)
+        measured = statistics.median(seconds) if seconds else None
+        if measured and estimate > 0:
+            errors.append(abs(estimate / measured - 1))
+        end = run.info.end_time or int(time.time() * 1000)
+        trials.append(
+            {
+                "name": run.info.run_name,
+                "phase": params.get("phase", ""),
+                "status": tags.get(layout.TAG_STATUS, run.info.status),
+                "stop_reason": tags.get("fer.stop_reason", ""),
+                "refusal": tags.get("fer.refusal", ""),
+                "minutes": round((end - run.info.start_time) / 60000, 2),
+                "epochs_done": int(tags.get("fer.epochs_done", 0) or 0),
+                "max_epochs": int(params.get("max_epochs", 0) or 0),
+                "train_fraction": float(params.get("train_fraction", 1.0) or 1.0),
+                "estimated_epoch_seconds": estimate,
+                "median_epoch_seconds": measured,
+                "best_val_accuracy": run.data.metrics.get("best_val_accuracy"),
+            }
+        )
+    started = [t for t in trials if t["status"] not in REFUSED_STATUSES]
+    return {
+        "time_budget_min": settings.time_budget_min,
+        "final_budget_share": settings.final_budget_share,
+        "trials_started": len(started),
+        "trials_refused": len(trials) - len(started),
+        "explore_minutes": round(sum(t["minutes"] for t in started if t["phase"] != "final"), 2),
+        "final_minutes": round(sum(t["minutes"] for t in started if t["phase"] == "final"), 2),
+        # |estimate / measured - 1| of each trial's median epoch: the time estimate's error.
+        "epoch_time_estimate_median_abs_err": statistics.median(errors) if errors else None,
+        "trials": trials,
+    }
+
+
+def finalise(
+    client: Any, parent_id: str, settings: SearchSettings, result: SearchResult
+) -> dict[str, Any]:
+    """trials.csv, budget.json, best run tags and metrics, and the champion registration."""
+    from mlflow.entities import Metric, Param
+
+    runs = children(client, parent_id)
+    rows = []
+    for run in runs:
+        rows.append(
+            {
+                "run_id": run.info.run_id,
+                "name": run.info.run_name,
+                "status": run.info.status,
+                "trial_status": run.data.tags.get(layout.TAG_STATUS, ""),
+                "phase": run.data.params.get("phase", ""),
+                "family": run.data.tags.get(layout.TAG_FAMILY, ""),
+                "param_count": run.data.params.get("param_count", ""),
+                "estimated_memory_mb": run.data.params.get("estimated_memory_mb", ""),
+                "estimated_epoch_seconds": run.data.params.get("estimated_epoch_seconds", ""),
+                "best_val_accuracy": run.data.metrics.get("best_val_accuracy", ""),
+                "epochs_done": run.data.tags.get("fer.epochs_done", ""),
+            }
+        )
+    result.trials = rows
+    result.refused = [
+        r.info.run_name for r in runs if r.data.tags.get(layout.TAG_STATUS) in REFUSED_STATUSES
+    ]
+    client.log_text(parent_id, _trials_csv(rows) if rows else "", "search/trials.csv")
+    report = budget_report(client, runs, settings)
+    client.log_text(parent_id, json.dumps(report, indent=2), "search/budget.json")
+    now = int(time.time() * 1000)
+    metrics = [Metric("budget_trials_started", report["trials_started"], now, 0)]
+    if report["epoch_time_estimate_median_abs_err"] is not None:
+        metrics.append(
+            Metric(
+                "epoch_time_estimate_median_abs_err",
+                report["epoch_time_estimate_median_abs_err"],
+                now,
+                0,
+            )
+        )
+    client.log_batch(
+        parent_id,
+        metrics=metrics,
+        params=[
+            Param("budget.explore_minutes", str(report["explore_minutes"])),
+            Param("budget.final_minutes", str(report["final_minutes"])),
+        ],
+    )
+    scored = [
+        r
+        for r in runs
+        if r.info.status == "FINISHED"
+        and "best_val_accuracy" in r.data.metrics
+        and TAG_MODEL_URI in r.data.tags
+    ]
+    if not scored:
+        log.error("no trial finished with a model; nothing to tag or register")
+        return report
+    best = max(scored, key=lambda r: r.data.metrics["best_val_accuracy"])
+    result.best_run_id = best.info.run_id
+    result.best_val_accuracy = best.data.metrics["best_val_accuracy"]
+    client.set_tag(parent_id, layout.TAG_BEST_RUN, best.info.run_id)
+    client.log_metric(parent_id, "best_val_accuracy", result.best_val_accuracy)
+    client.set_tag(best.info.run_id, "fer.best", "true")
+    for family in ("cnn", "dnn"):
+        of_family = [r for r in scored if r.data.tags.get(layout.TAG_FAMILY) == family]
+        if of_family:
+            top = max(of_family, key=lambda r: r.data.metrics["best_val_accuracy"])
+            client.log_metric(
+                parent_id, f"best_{family}_val_accuracy", top.data.metrics["best_val_accuracy"]
+            )
+            client.set_tag(parent_id, f"best_{family}_run_id", top.info.run_id)
+    if settings.register:
+        register_champion(client, best.data.tags[TAG_MODEL_URI], best.info.run_id)
+    return report
+
+
+def register_champion(client: Any, model_uri: str, run_id: str) -> str:
+    """Register the model as `fer2013-expression` and point the `champion` alias at it."""
+    import mlflow
+
+    version = mlflow.register_model(model_uri, layout.REGISTERED_MODEL, tags={"run_id": run_id})
+    client.set_registered_model_alias(
+        layout.REGISTERED_MODEL, layout.CHAMPION_ALIAS, version.version
+    )
+    log.info(
+        "registered %s version %s as @%s",
+        layout.REGISTERED_MODEL,
+        version.version,
+        layout.CHAMPION_ALIAS,
+    )
+    return str(version.version)

@@ -1,0 +1,88 @@
+"""How fast a worker trains: a calibration at search start, and each trial's epoch time estimate.
+
+The driver trains a fixed reference CNN (`jobs.space.FAST_CNN`) for a few batches on a worker,
+with the CPU (and GPU) share a trial gets, through plain Keras. That gives two things: the
+machine's `reference_images_per_second` (recorded with every budget result, so results from
+machines of different speed can be compared) and its rate of work, which turns any model's
+counted work per epoch (`model.flops.epoch_work`) into seconds before the trial is launched.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+REFERENCE_BATCH = 64
+REFERENCE_IMAGES = 1024  # timed; one more batch first, to build the train function
+CALIBRATION_TIMEOUT_S = 600  # a worker still starting (a cluster scaling up) may take minutes
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """What one worker measured on the reference CNN."""
+
+    reference_images_per_second: float
+    work_per_second: float  # MAC-equivalents per second (see model/flops.py)
+    threads: int
+    seconds: float  # wall time of the timed part
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def measure_reference(threads: int) -> Calibration:
+    """Train the reference CNN on random pixels in this process; must run before TF is used."""
+    import numpy as np
+
+    from jobs.trial import configure_tensorflow
+
+    configure_tensorflow(threads, 0.0)
+    import keras
+
+    from jobs.space import FAST_CNN
+    from model.batches import array_batches
+    from model.configs import build_model
+    from model.flops import epoch_work, image_cost
+    from model.preprocessing import pixel_statistics
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (REFERENCE_IMAGES, 48, 48, 1), dtype=np.uint8)
+    labels = rng.integers(0, 7, REFERENCE_IMAGES)
+    model = build_model(FAST_CNN, stats=pixel_statistics(images))
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
+    x = images.astype("float32")
+    warm = array_batches(x[:REFERENCE_BATCH], labels[:REFERENCE_BATCH], REFERENCE_BATCH)
+    model.fit(warm, epochs=1, verbose=0)
+    batches = array_batches(x, labels, REFERENCE_BATCH, shuffle_seed=1)
+    started = time.perf_counter()
+    model.fit(batches, epochs=1, verbose=0)
+    seconds = time.perf_counter() - started
+    work = epoch_work(image_cost(model), REFERENCE_IMAGES, 0, REFERENCE_BATCH)
+    keras.backend.clear_session()
+    return Calibration(REFERENCE_IMAGES / seconds, work / seconds, threads, seconds)
+
+
+def calibrate(resources: dict[str, float]) -> Calibration:
+    """Measure on a worker with a trial's `resources` (a Ray task with the same CPU and GPU
+    share; it runs in a fresh worker process, so TensorFlow's thread pools can be set)."""
+    import ray
+
+    threads = max(1, int(round(resources.get("CPU", 1.0))))
+    task = ray.remote(
+        num_cpus=resources.get("CPU", 1.0),
+        num_gpus=resources.get("GPU", 0.0),
+        max_calls=1,  # a fresh process: TF's thread pools are set before its first op
+    )(measure_reference)
+    return ray.get(task.remote(threads), timeout=CALIBRATION_TIMEOUT_S)
+
+
+def estimate_epoch_seconds(
+    model: Any, train_rows: int, val_rows: int, micro_batch: int, calibration: Calibration
+) -> float:
+    """Seconds of one epoch of `model` on the calibrated worker."""
+    from model.flops import epoch_work, image_cost
+
+    return epoch_work(image_cost(model), train_rows, val_rows, micro_batch) / (
+        calibration.work_per_second
+    )
