@@ -364,3 +364,50 @@ def test_the_matched_dnn_is_one_config_with_seed2017s_parameter_count() -> None:
     (point,) = [p for p in fixed_points(("dnn",), 30, 2017) if p["name"] == "dnn-matched"]
     assert config_from_dict(point["model"]) == dnn
     assert point["training"]["lr_schedule"] == "cosine"
+
+
+def test_residual_cnn_adds_shortcuts_and_reloads_safely(tmp_path: Path) -> None:
+    from model.configs import build_model
+
+    config = CNNConfig(
+        filters=(8, 16),
+        convs_per_block=2,
+        batch_norm=True,
+        residual=True,
+        head_pooling="global_avg",
+        dense_units=(),
+        augmentation=AugmentationConfig(flip=True, crop=4),
+    )
+    model = build_model(config)
+    names = [layer.name for layer in model.layers]
+    assert {"block1_add", "block2_add", "block1_shortcut", "block2_shortcut"} <= set(names)
+    assert "augment_crop" in names
+    images = np.random.default_rng(0).integers(0, 256, (3, 48, 48, 1)).astype("float32")
+    path = tmp_path / "residual.keras"
+    model.save(path)
+    again = keras.saving.load_model(path, safe_mode=True)
+    assert np.allclose(again.predict(images, verbose=0), model.predict(images, verbose=0))
+    # The crop (like every augmentation) is identity at inference.
+    crop = model.get_layer("augment_crop")
+    assert np.allclose(np.asarray(crop(images, training=False)), images)
+    assert not np.allclose(np.asarray(crop(images, training=True)), images)
+    with pytest.raises(ValueError, match="augmentation.crop"):
+        AugmentationConfig(crop=20)
+    with pytest.raises(ValueError, match="residual"):
+        CNNConfig(residual="yes")
+
+
+def test_image_cost_counts_macs_and_elementwise_outputs() -> None:
+    from model.flops import epoch_work, image_cost
+
+    inputs = keras.Input((48, 48, 1))
+    x = keras.layers.Conv2D(4, 3, padding="same")(inputs)  # 48*48*4 outputs x 9 MACs each
+    x = keras.layers.ReLU()(x)  # 48*48*4 elementwise
+    x = keras.layers.Flatten()(x)  # free
+    outputs = keras.layers.Dense(7)(x)  # 9216 x 7 MACs
+    cost = image_cost(keras.Model(inputs, outputs))
+    assert cost.macs == 48 * 48 * 4 * 9 + 9216 * 7
+    assert cost.elements == 48 * 48 * 4
+    assert (
+        epoch_work(cost, 128, 0, 64) < epoch_work(cost, 128, 64, 64) < epoch_work(cost, 256, 0, 64)
+    )

@@ -168,3 +168,53 @@ def test_sweep_removes_only_the_directories_of_exited_trials(tmp_path: Path) -> 
         (directory / "current" / LAST_MODEL).write_bytes(b"x" * 1024)
     assert sweep_workdirs(tmp_path) == 1
     assert not dead.exists() and alive.exists() and unrelated.exists()
+
+
+def test_mixup_mixes_rows_and_labels_alike() -> None:
+    from model.batches import array_batches, mixup, one_hot
+
+    x = np.stack([np.full((48, 48, 1), float(i)) for i in range(8)]).astype("float32")
+    y = np.arange(8) % 7
+    batches = list(mixup(one_hot(array_batches(x, y, 8, shuffle_seed=3)), 0.4, seed=11))
+    (mixed_x, mixed_y) = batches[0]
+    mixed_x, mixed_y = np.asarray(mixed_x), np.asarray(mixed_y)
+    assert np.allclose(mixed_y.sum(axis=1), 1.0, atol=1e-6)
+    # Each mixed image is a constant image whose value is the label-weighted mean of the rows
+    # it mixes: the pixel and label weights are the same draw.
+    order = np.asarray(next(iter(array_batches(x, y, 8, shuffle_seed=3)))[0])[:, 0, 0, 0]
+    for image, label in zip(mixed_x, mixed_y, strict=True):
+        assert np.allclose(image, image.flat[0], atol=1e-4)  # constant rows stay constant
+        assert 0.0 <= image.flat[0] <= 7.0
+        assert label.max() >= 0.5 - 1e-6  # each row keeps at least half of one label
+    assert not np.allclose(mixed_x[:, 0, 0, 0], order)  # something was mixed
+    # Seeded: the same seed mixes the same way.
+    again = next(iter(mixup(one_hot(array_batches(x, y, 8, shuffle_seed=3)), 0.4, seed=11)))
+    assert np.allclose(np.asarray(again[0]), mixed_x)
+
+
+def test_soft_labels_train_with_categorical_loss_and_a_stratified_row_share(
+    tmp_path: Path, data: TrainData
+) -> None:
+    config = TrainingConfig(
+        batch_size=16,
+        micro_batch_size=16,
+        max_epochs=1,
+        optimizer="sgd",
+        weight_decay=5e-4,
+        label_smoothing=0.1,
+        mixup=0.2,
+        train_fraction=0.5,
+    )
+    loop = EpochLoop(tiny_model, data, config, tmp_path)
+    assert isinstance(loop.model.loss, keras.losses.CategoricalCrossentropy)
+    assert loop.model.optimizer.weight_decay == pytest.approx(5e-4)
+    # About half of every class's rows (at least one each), and no row twice.
+    counts = np.bincount(data.y_train, minlength=7)
+    kept = np.bincount(loop.data.y_train, minlength=7)
+    assert np.all(np.abs(kept - counts / 2) <= 1) and len(loop.data.x_train) < len(data.x_train)
+    state = loop.run(lambda metrics, _: None)
+    assert state.epoch == 1 and 0.0 <= state.best_val_accuracy <= 1.0
+    with pytest.raises(ValueError, match="label_smoothing"):
+        TrainingConfig(label_smoothing=0.9)
+    with pytest.raises(ValueError, match="train_fraction"):
+        TrainingConfig(train_fraction=0.0)

@@ -1,0 +1,232 @@
+"""The searcher side of the search: proposals placed by memory and time before Tune sees them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from ray.tune.search import Searcher
+
+from jobs.proposals import (
+    DOES_NOT_FIT,
+    OVER_BUDGET,
+    REFUSED_SCORE,
+    PlacedTrial,
+    PlacingSearcher,
+    Planner,
+    ProposalClock,
+    RefusalRecorder,
+    TrialPlan,
+)
+from jobs.resources import GIB, MIB, WorkerBudget
+from jobs.search import SpacePlanMaker, _explore_searcher, final_plans
+from jobs.settings import SearchSettings
+from jobs.space import FAST_CNN, fast_cnn_point, fixed_points, model_from_params
+from jobs.timing import Calibration
+
+
+class Recorder(RefusalRecorder):
+    """Keeps refused proposals in memory instead of writing child runs."""
+
+    def __init__(self) -> None:
+        super().__init__("sqlite:///unused.db", "0", "parent", {})
+        self.refused: list[PlacedTrial] = []
+
+    def record(self, placed: PlacedTrial) -> None:
+        self.names.append(placed.plan.name)
+        self.refused.append(placed)
+
+
+class ScriptedSearcher(Searcher):
+    """A model-based searcher stand-in: proposes the given points in order, keeps what it is
+    told."""
+
+    def __init__(self, points: list[dict[str, Any]]) -> None:
+        super().__init__(metric="best_val_accuracy", mode="max")
+        self.points = list(points)
+        self.asked: list[str] = []
+        self.completed: list[tuple[str, dict | None, bool]] = []
+
+    def suggest(self, trial_id: str) -> dict[str, Any] | None:
+        self.asked.append(trial_id)
+        return self.points.pop(0) if self.points else Searcher.FINISHED
+
+    def on_trial_complete(
+        self, trial_id: str, result: dict | None = None, error: bool = False
+    ) -> None:
+        self.completed.append((trial_id, result, error))
+
+
+def _point(family: str, **overrides: Any) -> dict[str, Any]:
+    """A point of the space: FAST_CNN's, or a small DNN's."""
+    if family == "cnn":
+        point = fast_cnn_point(("cnn", "dnn"))
+    else:
+        point = {
+            "family": "dnn",
+            "dnn.depth": 2,
+            "dnn.width": 256,
+            "dnn.dropout": 0.2,
+            "dnn.batch_norm": True,
+            "training.optimizer": "adam",
+            "training.learning_rate": 1e-3,
+            "training.batch_size": 64,
+            "training.weight_decay": 0.0,
+            "training.label_smoothing": 0.0,
+            "training.mixup": 0.0,
+            "training.lr_schedule": "cosine",
+        }
+    return {**point, **overrides}
+
+
+def _planner(budget_mb: float, calibration: Calibration | None = None) -> Planner:
+    budget = WorkerBudget("cpu", int(budget_mb * MIB), "test")
+    return Planner(budget, 1.0, train_rows=28709, val_rows=3589, calibration=calibration)
+
+
+def test_a_proposal_that_fits_no_worker_is_refused_reported_and_the_search_goes_on() -> None:
+    # A CNN at batch 128 with 512-wide hidden layers is several times the DNN's memory.
+    huge = _point("cnn", **{"cnn.base_filters": 64, "training.batch_size": 128})
+    huge["cnn.dense_units"] = "512,256"
+    inner = ScriptedSearcher([huge, _point("dnn")])
+    recorder = Recorder()
+    probe = _planner(1 / MIB).place(SpacePlanMaker(30, 0, 1.0)(huge, "probe"))
+    budget_mb = probe.placement["min_estimated_mb"] - 1  # too small at every micro-batch
+    searcher = PlacingSearcher(
+        _planner(budget_mb),
+        [None],
+        recorder,
+        ProposalClock(3600),
+        inner=inner,
+        make_plan=SpacePlanMaker(30, 0, 1.0),
+    )
+
+    config = searcher.suggest("trial-1")
+
+    # The huge one never reached Tune: the DNN did, in the same call.
+    assert config["trial"]["model"]["family"] == "dnn"
+    assert [p.plan.model["family"] for p in recorder.refused] == ["cnn"]
+    (refused,) = recorder.refused
+    assert refused.refusal == DOES_NOT_FIT and "largest worker" in refused.reason
+    # The searcher was told the refused point scored the worst, under its own id.
+    assert inner.completed == [(inner.asked[0], {"best_val_accuracy": REFUSED_SCORE}, False)]
+    assert inner.asked[1] != inner.asked[0]
+    # Tune's trial id maps to the DNN's proposal: its result reaches the searcher.
+    searcher.on_trial_complete("trial-1", {"best_val_accuracy": 0.4})
+    assert inner.completed[-1] == (inner.asked[1], {"best_val_accuracy": 0.4}, False)
+
+
+def test_a_proposal_that_cannot_reach_the_first_rung_in_time_is_not_started() -> None:
+    # A worker doing 1 M MAC-equivalents a second: a CNN epoch takes days.
+    slow = Calibration(reference_images_per_second=0.01, work_per_second=1e6, threads=1, seconds=1)
+    (fast_cnn,) = [p for p in fixed_points(("cnn",), 30, 0) if p["name"] == "cnn-fast"]
+    plan = TrialPlan("cnn-fast", fast_cnn["model"], fast_cnn["training"])
+    recorder = Recorder()
+    searcher = PlacingSearcher(
+        _planner(1e6, slow), [plan], recorder, ProposalClock(600), grace_epochs=2
+    )
+
+    assert searcher.suggest("trial-1") == Searcher.FINISHED
+    (refused,) = recorder.refused
+    assert refused.refusal == OVER_BUDGET
+    assert "to reach epoch 2" in refused.reason and "of the budget left" in refused.reason
+    assert searcher.started == []
+
+
+def test_the_fixed_points_run_first_then_the_model_based_searcher() -> None:
+    settings = SearchSettings(families="cnn,dnn", max_epochs=4, num_samples=10)
+    searcher = _explore_searcher(settings, _planner(1e6), Recorder(), 3600, None, None)
+
+    configs = [searcher.suggest(f"t{i}") for i in range(5)]
+
+    names = [config["plan"] for config in configs]
+    assert names[:3] == ["cnn-fast", "dnn-matched", "seed2017"]
+    assert all(name.startswith(("cnn-", "dnn-")) for name in names[3:])
+    # The known-good CNN is the model-based searcher's first point, and trains as planned.
+    fast = configs[0]["trial"]
+    assert model_from_params(fast_cnn_point(("cnn", "dnn"))) == FAST_CNN
+    (fixed,) = [p for p in fixed_points(("cnn",), 4, settings.seed) if p["name"] == "cnn-fast"]
+    assert fast["model"] == fixed["model"]
+    for key, value in fixed["training"].items():
+        assert fast["training"][key] == value, key
+    assert all(c["trial"]["training"]["train_fraction"] == 0.25 for c in configs)
+
+
+def test_a_restored_searcher_continues_where_it_stopped(tmp_path: Path) -> None:
+    settings = SearchSettings(families="dnn", max_epochs=2, num_samples=10)
+    first = _explore_searcher(settings, _planner(1e6), Recorder(), 3600, None, None)
+    names = [first.suggest(f"t{i}")["plan"] for i in range(3)]
+    first.on_trial_result("t1", {"best_val_accuracy": 0.3, "training_iteration": 1})
+    first.on_trial_complete("t1", {"best_val_accuracy": 0.3, "training_iteration": 1})
+    first.save(str(tmp_path / "searcher.pkl"))
+
+    second = _explore_searcher(settings, _planner(1e6), Recorder(), 3600, None, None)
+    second.restore(str(tmp_path / "searcher.pkl"))
+    following = second.suggest("t3")["plan"]
+
+    assert names[0] == "dnn-matched" and following not in names
+    study = second.inner._ot_study
+    assert [t.value for t in study.trials if t.value is not None] == [0.3]
+    assert second.started == [*names, following]
+
+
+def test_the_proposal_clock_carries_what_was_spent_across_a_restore() -> None:
+    import pickle
+
+    clock = ProposalClock(100.0, spent_before_s=30.0)
+    restored = pickle.loads(pickle.dumps(clock))
+    assert 69.0 < restored.left() <= 70.0
+
+
+def _explored(name: str, accuracy: float, width: int, planner: Planner) -> Any:
+    """A trial explored on a quarter of the rows: 6 epochs of 2 s each."""
+    plan = SpacePlanMaker(30, 0, 0.25)(_point("dnn", **{"dnn.width": width}), name)
+    placed = planner.place(plan)
+    metrics = {"best_val_accuracy": accuracy, "epoch": 6, "epoch_seconds": 2.0}
+    return SimpleNamespace(config=placed.tune_config(), metrics=metrics)
+
+
+def test_final_plans_train_the_best_configs_to_the_end_of_the_time_left() -> None:
+    rate = Calibration(100.0, 1e10, 1, 1.0)
+    planner = _planner(1e6, rate)
+    grid = [
+        _explored("dnn-a", 0.40, 256, planner),
+        _explored("dnn-b", 0.45, 512, planner),
+        _explored("dnn-c", 0.30, 1024, planner),
+        _explored("dnn-b-again", 0.42, 512, planner),  # the same config: trained once
+    ]
+    settings = SearchSettings(max_epochs=30, final_trials=2)
+    explored = {g.config["plan"]: g.config["trial"] for g in grid}
+
+    plans = final_plans(settings, grid, planner, seconds_left=600.0, slots=2)
+
+    assert [p.name for p in plans] == ["dnn-b-final", "dnn-a-final"]
+    for plan in plans:
+        base = explored[plan.name.removesuffix("-final")]
+        assert plan.phase == "final" and plan.model == base["model"]
+        assert plan.training["train_fraction"] == 1.0
+        assert plan.training["lr_schedule"] == "cosine"
+        # The explored trial took 2 s an epoch on a quarter of the rows, against its estimate:
+        # the full-data estimate is scaled by the same ratio.
+        ratio = 2.0 / base["estimated_epoch_seconds"]
+        full = planner.place(plan).estimated_epoch_seconds
+        assert plan.training["max_epochs"] == min(30, int((600 * 0.92 - 20) // (full * ratio)))
+    # One slot: only the best; no time for an epoch: none.
+    assert [p.name for p in final_plans(settings, grid, planner, 600.0, slots=1)] == ["dnn-b-final"]
+    assert final_plans(settings, grid, planner, seconds_left=1.0, slots=2) == []
+
+
+def test_settings_refuse_shares_outside_their_range() -> None:
+    with pytest.raises(ValueError, match="final_budget_share"):
+        SearchSettings(final_budget_share=1.0)
+    with pytest.raises(ValueError, match="explore_fraction"):
+        SearchSettings(explore_fraction=0.0)
+
+
+def test_worker_budget_sized_placement_is_recorded_on_the_plan() -> None:
+    placed = _planner(64 * GIB / MIB).place(SpacePlanMaker(30, 0, 0.25)(_point("cnn"), "cnn-fast"))
+    assert placed.placement["status"] == "fits"
+    assert placed.plan.training["micro_batch_size"] == 64
+    assert placed.estimated_epoch_seconds == 0.0  # no calibration, no time estimate
