@@ -133,7 +133,9 @@ def place(
     micro = batch_size
     while micro // 2 >= min_micro_batch and batch_size % (micro // 2) == 0:
         micro //= 2
-        estimated_micro = estimate_training_memory(model, micro, optimizer=optimizer)
+        estimated_micro = estimate_training_memory(
+            model, micro, optimizer=optimizer, accumulation_steps=batch_size // micro
+        )
         if estimated_micro <= budget.bytes_per_worker:
             resources, limit, selector = _resources(budget, estimated_micro, cpus_per_trial)
             return Placement(
@@ -146,7 +148,9 @@ def place(
                 f"micro-batch {micro} x {batch_size // micro} accumulation steps",
                 label_selector=selector,
             )
-    smallest = estimate_training_memory(model, micro, optimizer=optimizer)
+    smallest = estimate_training_memory(
+        model, micro, optimizer=optimizer, accumulation_steps=batch_size // micro
+    )
     return Placement(
         "does_not_fit",
         estimated,

@@ -17,6 +17,7 @@ import argparse
 import contextlib
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -53,6 +54,7 @@ TPE_STARTUP_TRIALS = 4
 # The final trials' epochs fill this share of the time left: their time estimate is corrected
 # by what the explored trial measured, but a trial cut off by the clock loses its last epochs.
 FINAL_FILL = 0.92
+MAX_CALIBRATION_COPIES = 4
 
 __all__ = ["SearchResult", "init_ray", "plan_trials", "prepare_arrays", "run_search"]
 
@@ -198,7 +200,8 @@ def _calibrate(budget: Any, cpus: float) -> Any:
 
     resources = {"CPU": cpus, "GPU": 0.25 if budget.kind == "gpu" else 0.0}
     try:
-        calibration = calibrate(resources)
+        # As many at once as trials will run at once (a few at most: it is a sample).
+        calibration = calibrate(resources, copies=min(_slots(cpus), MAX_CALIBRATION_COPIES))
     except Exception as error:  # a worker that cannot run the probe must not stop the search
         log.warning("calibration failed, no time estimates: %s", error)
         return None
@@ -223,24 +226,32 @@ def _explore_searcher(
     import optuna
     from ray.tune.search.optuna import OptunaSearch
 
-    from jobs.space import Space, fast_cnn_point, fixed_points, parse_families
+    from jobs.space import (
+        Space,
+        adaptive_families,
+        fast_cnn_point,
+        fixed_points,
+        parse_families,
+    )
 
-    common = {
-        "grace_epochs": max(1, min(settings.grace_epochs, settings.max_epochs)),
-        "faults": fault_injection,
-    }
     clock = ProposalClock(budget_s)
     if plans is not None:
+        common = {"grace_epochs": grace_epochs(settings, 1.0), "faults": fault_injection}
         return PlacingSearcher(planner, list(_plans(plans, 1.0)), recorder, clock, **common)
+    common = {
+        "grace_epochs": grace_epochs(settings, settings.explore_fraction),
+        "faults": fault_injection,
+    }
     families = parse_families(settings.families)
     fixed = fixed_points(families, settings.max_epochs, settings.seed)
     queue: list[TrialPlan | None] = []
     for plan in _plans(fixed, settings.explore_fraction):
         # The known-good CNN is a point of the space: the model-based searcher runs it first.
         queue.append(None if plan.name == "cnn-fast" else plan)
-    points = [fast_cnn_point(families)] if "cnn" in families else []
+    searched = adaptive_families(families)
+    points = [fast_cnn_point(searched)] if "cnn" in searched else []
     inner = OptunaSearch(
-        space=Space(families),
+        space=Space(searched),
         metric="best_val_accuracy",
         mode="max",
         points_to_evaluate=points,
@@ -256,6 +267,14 @@ def _explore_searcher(
         make_plan=SpacePlanMaker(settings.max_epochs, settings.seed, settings.explore_fraction),
         **common,
     )
+
+
+def grace_epochs(settings: SearchSettings, train_fraction: float) -> int:
+    """ASHA's first rung in epochs of `train_fraction` of the rows: `grace_epochs` full-data
+    epochs' worth of images (a quarter of the rows takes four times the epochs to see as many
+    images, and a CNN needs that many before it ranks above a DNN)."""
+    epochs = math.ceil(settings.grace_epochs / train_fraction - 1e-9)
+    return max(1, min(epochs, settings.max_epochs))
 
 
 class SpacePlanMaker:
@@ -283,11 +302,15 @@ def final_plans(
 
     A config is skipped where that would not train it more than exploring did.
     """
+    from jobs.space import COURSEWORK_POINTS
+
     ranked = []
     for result in grid:
         metrics = result.metrics or {}
         if not result.config or "best_val_accuracy" not in metrics:
             continue
+        if result.config["plan"] in COURSEWORK_POINTS:
+            continue  # trained for the coursework comparison, not a candidate
         ranked.append((float(metrics["best_val_accuracy"]), result))
     ranked.sort(key=lambda pair: -pair[0])
     chosen: list[TrialPlan] = []
@@ -547,7 +570,7 @@ def _fit(
                 mode="max",
                 time_attr="training_iteration",
                 max_t=settings.max_epochs,
-                grace_period=max(1, min(settings.grace_epochs, settings.max_epochs)),
+                grace_period=searcher.grace_epochs,
                 reduction_factor=3,
             )
         tuner = tune.Tuner(

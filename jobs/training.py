@@ -19,9 +19,10 @@ from typing import Any
 
 import numpy as np
 
+from model.optimizers import OPTIMIZERS
+
 log = logging.getLogger(__name__)
 
-OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop")
 # "cosine": the rate falls along a half cosine over max_epochs, set at the start of each epoch
 # (by epoch, not by optimizer step, so a resume or a smaller micro-batch after an OOM keeps it).
 LR_SCHEDULES = ("constant", "cosine")
@@ -40,7 +41,7 @@ class TrainingConfig:
     max_epochs: int = 10
     seed: int = 2017
     lr_schedule: str = "constant"
-    # Decoupled weight decay of every optimizer; 0 for AdamW means its usual 1e-4.
+    # Decoupled weight decay of every optimizer; 0 for AdamW means ADAMW_DEFAULT_DECAY.
     weight_decay: float = 0.0
     label_smoothing: float = 0.0
     mixup: float = 0.0  # Beta(alpha, alpha) of mixup (Zhang et al. 2018); 0: off
@@ -127,26 +128,12 @@ def learning_rate_at(config: TrainingConfig, epoch: int) -> float:
     return config.learning_rate
 
 
-ADAMW_DEFAULT_DECAY = 1e-4
-
-
 def make_optimizer(config: TrainingConfig) -> Any:
-    import keras
+    from model.optimizers import build_optimizer
 
-    kwargs: dict[str, Any] = {"learning_rate": config.learning_rate}
-    if config.accumulation_steps > 1:
-        kwargs["gradient_accumulation_steps"] = config.accumulation_steps
-    if config.optimizer == "adamw":
-        return keras.optimizers.AdamW(
-            weight_decay=config.weight_decay or ADAMW_DEFAULT_DECAY, **kwargs
-        )
-    if config.weight_decay > 0:
-        kwargs["weight_decay"] = config.weight_decay
-    if config.optimizer == "adam":
-        return keras.optimizers.Adam(**kwargs)
-    if config.optimizer == "sgd":
-        return keras.optimizers.SGD(momentum=0.9, nesterov=True, **kwargs)
-    return keras.optimizers.RMSprop(**kwargs)
+    return build_optimizer(
+        config.optimizer, config.learning_rate, config.weight_decay, config.accumulation_steps
+    )
 
 
 def compile_model(model: Any, config: TrainingConfig) -> None:

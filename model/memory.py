@@ -14,7 +14,8 @@ ACT_FACTOR > 1 covers the activation gradients alive during backprop and allocat
 
 The constants were fitted (least squares on relative error) to the RSS high-water mark of
 fresh CPU processes running 5 `train_on_batch` steps (TensorFlow 2.21, Keras 3.15, glibc
-malloc, 2 cores) over 49 runs of 19 CNN/DNN architectures, batch 8..2048, sgd/rmsprop/adam;
+malloc, 2 cores) over 49 runs of 19 CNN/DNN architectures, batch 8..2048, sgd/rmsprop/adam
+(then Keras's plain SGD; slot counts now come from model/optimizers.py, whose sgd has momentum);
 leaving each architecture out in turn gave a 7% median (11% mean) absolute error on it. See
 bench/bench_memory.py for the protocol. glibc arena fragmentation makes
 repeated measurements of one config differ by up to ~40% after a few steps, so expect ~10%
@@ -29,22 +30,10 @@ from dataclasses import dataclass
 import keras
 import numpy as np
 
+from model.optimizers import slots_per_variable
+
 MB = 1 << 20
 
-# Slots per trainable variable, Keras 3 defaults (rmsprop: momentum=0, not centered).
-OPTIMIZER_SLOTS: dict[str, int] = {
-    "sgd": 0,
-    "sgd_momentum": 1,
-    "rmsprop": 1,
-    "adagrad": 1,
-    "lion": 1,
-    "adam": 2,
-    "adamw": 2,
-    "adamax": 2,
-    "nadam": 2,
-    "adadelta": 2,
-    "ftrl": 2,
-}
 DTYPE_BYTES: dict[str, int] = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
 
 # Fitted constants (see the module docstring).
@@ -142,13 +131,22 @@ def layer_profile(model: keras.Model, dtype: str = "float32") -> list[LayerMemor
 
 
 def memory_breakdown(
-    model: keras.Model, batch_size: int, optimizer: str = "adam", dtype: str = "float32"
+    model: keras.Model,
+    batch_size: int,
+    optimizer: str = "adam",
+    dtype: str = "float32",
+    accumulation_steps: int = 1,
 ) -> dict[str, int]:
-    """The terms of `estimate_training_memory`, in bytes (their sum is the estimate)."""
+    """The terms of `estimate_training_memory`, in bytes (their sum is the estimate).
+
+    `optimizer` is a name of `model.optimizers.OPTIMIZERS`; `accumulation_steps` > 1 (a
+    micro-batch of `batch_size` rows accumulating into a bigger batch) adds one accumulator
+    per trainable variable.
+    """
     _check_model(model)
     batch_size = _check_batch(batch_size)
     size = _dtype_bytes(dtype)
-    slots = _optimizer_slots(optimizer)
+    slots = slots_per_variable(optimizer, accumulation_steps)
     profile = layer_profile(model, dtype)
     trainable = sum(_variable_bytes(model.trainable_weights, size))
     workspace = max((min(p.workspace * batch_size, CONV_WORKSPACE_CAP) for p in profile), default=0)
@@ -164,13 +162,18 @@ def memory_breakdown(
 
 
 def estimate_training_memory(
-    model: keras.Model, batch_size: int, optimizer: str = "adam", dtype: str = "float32"
+    model: keras.Model,
+    batch_size: int,
+    optimizer: str = "adam",
+    dtype: str = "float32",
+    accumulation_steps: int = 1,
 ) -> int:
     """Estimated peak bytes of one training step of `model` at `batch_size`.
 
     Includes the weights, so it is the memory a trial needs on top of an idle framework.
     """
-    return int(sum(memory_breakdown(model, batch_size, optimizer, dtype).values()))
+    parts = memory_breakdown(model, batch_size, optimizer, dtype, accumulation_steps)
+    return int(sum(parts.values()))
 
 
 def estimate_inference_memory(model: keras.Model, batch_size: int, dtype: str = "float32") -> int:
@@ -205,7 +208,7 @@ def max_batch_size(
         raise ValueError(f"budget_bytes: expected an int >= 0, found {budget_bytes}")
     limit = _check_batch(limit)
     _dtype_bytes(dtype)
-    _optimizer_slots(optimizer)
+    slots_per_variable(optimizer)
 
     def fits(batch: int) -> bool:
         return estimate_training_memory(model, batch, optimizer, dtype) <= budget_bytes
@@ -229,15 +232,6 @@ def _dtype_bytes(dtype: str) -> int:
     if dtype not in DTYPE_BYTES:
         raise ValueError(f"dtype: expected one of {sorted(DTYPE_BYTES)}, found {dtype!r}")
     return DTYPE_BYTES[dtype]
-
-
-def _optimizer_slots(optimizer: str) -> int:
-    key = optimizer.lower() if isinstance(optimizer, str) else None
-    if key not in OPTIMIZER_SLOTS:
-        raise ValueError(
-            f"optimizer: expected one of {sorted(OPTIMIZER_SLOTS)}, found {optimizer!r}"
-        )
-    return OPTIMIZER_SLOTS[key]
 
 
 def _check_model(model: keras.Model) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import keras
+import numpy as np
 import pytest
 
 from model.cnn import SEED2017, CNNConfig, build_cnn
@@ -50,9 +51,11 @@ def test_estimate_counts_weights_gradients_and_slots(seed_model: keras.Model) ->
     sgd, rms, adam = (
         estimate_training_memory(seed_model, 32, opt) for opt in ("sgd", "rmsprop", "adam")
     )
-    assert adam > rms > sgd
-    # Each optimizer slot is one more copy of the trainable weights.
-    assert adam - rms >= weights and rms - sgd >= weights
+    # SGD (Nesterov momentum) and RMSprop keep one slot each, Adam two.
+    assert adam > rms == sgd
+    # Each optimizer slot is one more copy of the trainable weights (an accumulator too).
+    accumulating = estimate_training_memory(seed_model, 32, "sgd", accumulation_steps=2)
+    assert adam - rms >= weights and accumulating - sgd >= weights
     assert sgd > 2 * weights  # weights + gradients at least
     half = estimate_training_memory(seed_model, 128, dtype="float16")
     assert half < estimate_training_memory(seed_model, 128, dtype="float32")
@@ -96,7 +99,10 @@ def test_breakdown_sums_to_estimate_and_counts_exact_state(seed_model: keras.Mod
     assert sum(parts.values()) == estimate_training_memory(seed_model, 64, "adam")
     assert parts["weights"] == parts["gradients"] == 3146503 * 4
     assert parts["optimizer_slots"] == 2 * 3146503 * 4
-    assert memory_breakdown(seed_model, 64, "sgd")["optimizer_slots"] == 0
+    # SGD with momentum keeps one velocity per weight; accumulation adds one accumulator.
+    assert memory_breakdown(seed_model, 64, "sgd")["optimizer_slots"] == 3146503 * 4
+    with_accumulation = memory_breakdown(seed_model, 16, "sgd", accumulation_steps=4)
+    assert with_accumulation["optimizer_slots"] == 2 * 3146503 * 4
     # Doubling the batch doubles the activation term and nothing batch-free.
     double = memory_breakdown(seed_model, 128, "adam")
     assert abs(double["activations"] - 2 * parts["activations"]) <= 1
@@ -165,3 +171,28 @@ def test_quick_measurement_matches_estimate_loosely(monkeypatch: pytest.MonkeyPa
     assert raw["params"] == build_dnn(DNNConfig(hidden_units=(256,))).count_params()
     # Loose: fragmentation and thread scheduling move small measurements by tens of percent.
     assert 0.5 < estimate / raw["measured_bytes"] < 2.0, (estimate, raw)
+
+
+@pytest.mark.parametrize("accumulation_steps", [1, 4])
+@pytest.mark.parametrize("name", ["adam", "adamw", "sgd", "rmsprop"])
+def test_slot_count_equals_the_variables_the_built_optimizer_creates(
+    name: str, accumulation_steps: int
+) -> None:
+    from jobs.space import SPACE
+    from model.optimizers import OPTIMIZERS, build_optimizer, slots_per_variable
+
+    assert set(SPACE["training"]["optimizer"]) <= set(OPTIMIZERS)
+    inputs = keras.Input((6,))
+    x = keras.layers.Dense(5)(inputs)
+    x = keras.layers.BatchNormalization()(x)  # non-trainable moments get no slots
+    model = keras.Model(inputs, keras.layers.Dense(3)(x))
+    optimizer = build_optimizer(name, 1e-3, accumulation_steps=accumulation_steps)
+    optimizer.build(model.trainable_variables)
+    trainable = model.trainable_variables
+    # Besides the slots: the step counter and the learning rate (scalars).
+    per_weight = [v for v in optimizer.variables if len(v.shape) > 0]
+    assert len(per_weight) == slots_per_variable(name, accumulation_steps) * len(trainable)
+    sizes = sum(int(np.prod(v.shape)) for v in per_weight)
+    assert sizes == slots_per_variable(name, accumulation_steps) * sum(
+        int(np.prod(v.shape)) for v in trainable
+    )

@@ -164,7 +164,7 @@ def test_place_fits_downsizes_or_refuses() -> None:
 
     model = build_cnn(SEED2017)
     full = estimate_training_memory(model, 64)
-    at_8 = estimate_training_memory(model, 8)
+    at_8 = estimate_training_memory(model, 8, accumulation_steps=8)  # 8 x 8 = the batch of 64
     fits = place(model, 64, "adam", WorkerBudget("cpu", full + MIB, "t"), 1.0)
     assert fits.status == "fits" and fits.micro_batch_size == 64
     assert fits.resources == {"CPU": 1.0, "memory": float(fits.estimated_bytes)}
