@@ -36,7 +36,15 @@ GOALS: dict[str, tuple[str, float, str]] = {
     "viz_seconds": ("<=", 60.0, "full viz of a best run (< 1 M params)"),
     "budget_search_best_val_accuracy": (">=", 0.66, "60-min search, full data, 2 cores"),
     "dnn_best_val_accuracy": (">=", 0.47, "best param-matched DNN of that search"),
+    "budget_trials_started": (">=", 6, "trials started in that search"),
+    "epoch_time_estimate_median_abs_err": (
+        "<=",
+        0.25,
+        "epoch time estimated before launch vs measured, that search",
+    ),
 }
+# The budget search's keys, stored apart (budget_search.json) with its date and commit.
+BUDGET_KEYS = ("budget", "dnn_", "epoch_time_estimate", "reference_images_per_second")
 
 
 def machine() -> str:
@@ -98,9 +106,7 @@ def run_all(data: str, with_budget: bool, only: list[str] | None) -> dict[str, A
         ran.append("budget")
     if "budget" not in errors and "budget_search_best_val_accuracy" in results:
         budget_file.write_text(
-            json.dumps(
-                {k: v for k, v in results.items() if k.startswith(("budget", "dnn_"))}, indent=2
-            )
+            json.dumps({k: v for k, v in results.items() if k.startswith(BUDGET_KEYS)}, indent=2)
         )
     elif budget_file.exists():
         # Not re-run, or the re-run failed: keep the last good run (its date and commit show).
@@ -227,15 +233,18 @@ def details(results: dict[str, Any]) -> str:
         lines.append(f"- viz of a {results.get('model_params', 0):,}-parameter CNN: {stages}.")
     if "budget_trials" in results:
         trials = "; ".join(
-            f"{t['name']} {_fmt(t['best_val_accuracy'])} after {t['epochs_done']} epochs "
-            f"({t['status']}{' by ' + t['stop_reason'] if t.get('stop_reason') else ''}, "
+            f"{t['name']} {_fmt(t['best_val_accuracy'])} after {t['epochs_done']} epochs"
+            + (f" on {t['train_fraction']:g} of the rows" if t.get("train_fraction", 1) < 1 else "")
+            + f" ({t['status']}{' by ' + t['stop_reason'] if t.get('stop_reason') else ''}, "
             f"{_fmt(t.get('images_per_second_median'))} img/s)"
             for t in results["budget_trials"]
         )
         lines.append(
             f"- budget search ({results.get('budget_run_date')}, commit "
             f"`{results.get('budget_commit')}`, {_fmt(results.get('budget_wall_minutes'))} min "
-            f"wall): {trials}."
+            f"wall; the machine: reference CNN "
+            f"{_fmt(results.get('reference_images_per_second'))} images/s, plain Keras, one "
+            f"thread, measured by the same run): {trials}."
         )
     rows = results.get("memory_estimate_rows")
     if rows:

@@ -28,6 +28,8 @@ TAG_STATUS = "fer.trial_status"
 TAG_TRIAL_ID = "ray.trial_id"
 TAG_BEST_RUN = "best_run_id"
 TAG_DATA_SHA = "fer.data_sha256"
+# On a coursework model (SEED2017, its param-matched DNN) the budget could not train: why.
+TAG_COURSEWORK_NOTE = "fer.coursework_note"
 
 
 def sha256_file(path: str | Path) -> str:

@@ -230,3 +230,31 @@ def test_worker_budget_sized_placement_is_recorded_on_the_plan() -> None:
     assert placed.placement["status"] == "fits"
     assert placed.plan.training["micro_batch_size"] == 64
     assert placed.estimated_epoch_seconds == 0.0  # no calibration, no time estimate
+
+
+def test_a_coursework_model_the_budget_could_not_train_is_said_so_in_words() -> None:
+    from jobs import artifacts as layout
+    from jobs.parent import _note_undertrained_coursework
+
+    def run(name: str, epochs: int, fraction: float) -> Any:
+        return SimpleNamespace(
+            info=SimpleNamespace(run_name=name, run_id=f"id-{name}"),
+            data=SimpleNamespace(
+                params={"train_fraction": str(fraction)},
+                tags={"fer.epochs_done": str(epochs)},
+                metrics={"best_val_accuracy": 0.249},
+            ),
+        )
+
+    tagged: dict[str, tuple[str, str]] = {}
+    client = SimpleNamespace(
+        set_tag=lambda run_id, key, value: tagged.update({run_id: (key, value)})
+    )
+    runs = [run("seed2017", 8, 0.25), run("dnn-matched", 30, 1.0), run("cnn-fast", 2, 0.25)]
+    _note_undertrained_coursework(client, runs, SearchSettings(time_budget_min=60))
+
+    assert set(tagged) == {"id-seed2017"}  # 30 full epochs is trained; cnn-fast is no anchor
+    key, note = tagged["id-seed2017"]
+    assert key == layout.TAG_COURSEWORK_NOTE
+    assert "8 epoch(s) on 0.25 of the training rows (2.0 full-data epochs)" in note
+    assert "0.249 is what the budget allowed" in note

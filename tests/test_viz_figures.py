@@ -354,6 +354,7 @@ def test_report_renders_all_questions(tmp_path: Path) -> None:
         ascent_steps=20,
         feature_map_caption="an image",
         figures=names,
+        coursework_notes=["seed2017 trained 8 epoch(s) on 0.25 of the training rows"],
     )
     blocks = build_blocks(facts)
     assert {b.name for b in blocks if isinstance(b, Figure)} == set(names.values())
@@ -363,6 +364,7 @@ def test_report_renders_all_questions(tmp_path: Path) -> None:
     assert "Disgust → Angry" in text and "75 %" in text and "rho 0.70" in text
     assert "Only these families have finished runs in this search: cnn" in text
     assert "differs from the recorded" in text  # 25 % recomputed vs 50 % recorded
+    assert "seed2017 trained 8 epoch(s) on 0.25 of the training rows" in text  # said in words
     md, html_path = write_reports(facts, tmp_path)
     page = html_path.read_text()
     assert page.count("data:image/png;base64,") == len(names)

@@ -11,7 +11,7 @@ from matplotlib.table import Table
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
-from jobs.artifacts import TAG_FAMILY
+from jobs.artifacts import TAG_COURSEWORK_NOTE, TAG_FAMILY
 from viz.plotting import plt, save_figure
 from viz.runs import BEST_METRIC, TAG_PARENT, parent_run_id
 
@@ -160,6 +160,23 @@ def best_runs_by_family(client: MlflowClient, target: Run) -> dict[str, FamilyRu
         if current is None or entry.best_val_accuracy > (current.best_val_accuracy or -1.0):
             best[entry.family] = entry
     return best
+
+
+def coursework_notes(client: MlflowClient, target: Run) -> list[str]:
+    """What the search said of the coursework models its budget could not train."""
+    parent = parent_run_id(target)
+    if parent is None:
+        return []
+    children = client.search_runs(
+        [target.info.experiment_id],
+        filter_string=f"tags.`{TAG_PARENT}` = '{parent}'",
+        max_results=5000,
+    )
+    return sorted(
+        run.data.tags[TAG_COURSEWORK_NOTE]
+        for run in children
+        if run.data.tags.get(TAG_COURSEWORK_NOTE)
+    )
 
 
 def metric_series(client: MlflowClient, run_id: str, key: str) -> tuple[np.ndarray, np.ndarray]:

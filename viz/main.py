@@ -114,6 +114,7 @@ def run_viz(settings: VizSettings, client: MlflowClient | None = None) -> dict[s
             )
             best_by_family = curves.best_runs_by_family(client, loaded.run)
             family_best = sorted(best_by_family.values(), key=lambda r: r.family)
+            notes = curves.coursework_notes(client, loaded.run)
             curves.plot_learning_curves(
                 curves.collect_curves(client, loaded.run, best_by_family),
                 figure("learning_curves", "learning_curves.png"),
@@ -262,6 +263,7 @@ def run_viz(settings: VizSettings, client: MlflowClient | None = None) -> dict[s
             data_sha256=split.sha256,
             data_fraction=split.data_fraction,
             family_best=family_best,
+            coursework_notes=notes,
             confused=pairs,
             recall={name: float(r) for name, r in zip(class_names, recall, strict=True)},
             sanity_rho={m: check.mean(m) for m in check.rho},

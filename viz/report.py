@@ -64,6 +64,8 @@ class ReportFacts:
     feature_map_caption: str
     figures: dict[str, str]  # key -> file name under figures/
     timings: dict[str, float] = field(default_factory=dict)
+    # What the search said of coursework models its budget could not train (fer.coursework_note)
+    coursework_notes: list[str] = field(default_factory=list)
 
 
 # ---------------------------------------------------------------- blocks
@@ -215,6 +217,7 @@ def _question_2(facts: ReportFacts) -> list[Block]:
     return [
         Heading("2. Best CNN vs best DNN"),
         Para(verdict),
+        *[Warn(note) for note in facts.coursework_notes],
         Table(["family", "run", "best val accuracy", "parameters"], rows),
         Figure(facts.figures["learning_curves"], "Accuracy per epoch (training and validation)."),
     ]
