@@ -39,10 +39,10 @@ def _train_and_log(
     import keras
     import numpy as np
 
-    from jobs.artifacts import TAG_BEST_RUN, TAG_FAMILY, TAG_ROLE, log_model_files
     from model.cnn import CNNConfig, build_cnn
     from model.configs import config_to_dict
     from model.data import load_fer2013
+    from schema.run import TAG_BEST_RUN, TAG_FAMILY, TAG_ROLE, log_model_files
 
     dataset = load_fer2013(data)
     subset = dataset.subset(fraction, SEED)

@@ -34,6 +34,8 @@ COPY MLproject conda.yaml ./
 COPY model ./model
 COPY jobs ./jobs
 COPY viz ./viz
+COPY schema ./schema
+COPY pipeline.py ./
 
 # Ray starts its own processes (ray start / KubeRay); a plain `docker run` gets a shell.
 CMD ["bash"]

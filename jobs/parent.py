@@ -18,8 +18,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from jobs import artifacts as layout
 from jobs.settings import SearchSettings, as_dict
+from schema import run as layout
 
 log = logging.getLogger("jobs.search")
 
@@ -87,8 +87,16 @@ def open_parent(
             client.set_tag(launched_run, "fer.resumed_parent", parent_id)
         client.update_run(parent_id, status="RUNNING")
         return parent_id, parent.data.tags[TAG_TUNE_PATH], True
+    from mlflow.utils.mlflow_tags import MLFLOW_RUN_NAME
+
     name = f"{settings.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    parent_id = launched_run or client.create_run(experiment, run_name=settings.name).info.run_id
+    if launched_run:
+        # `mlflow run` opened the run under a random name: the search's name is what users
+        # look for in the UI.
+        client.set_tag(launched_run, MLFLOW_RUN_NAME, name)
+        parent_id = launched_run
+    else:
+        parent_id = client.create_run(experiment, run_name=name).info.run_id
     return parent_id, f"{storage}/{name}", False
 
 

@@ -18,7 +18,7 @@ from typing import Any
 
 from ray.tune.search import Searcher
 
-from jobs import artifacts as layout
+from schema import run as layout
 
 log = logging.getLogger(__name__)
 

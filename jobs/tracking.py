@@ -23,8 +23,8 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from ray import tune
 
-from jobs import artifacts as layout
 from jobs.proposals import flat_params, placed_from_config
+from schema import run as layout
 
 log = logging.getLogger(__name__)
 

@@ -59,13 +59,13 @@ def train(settings: TrainSettings) -> dict[str, Any]:
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from jobs import artifacts as layout
     from jobs.resources import MIB
     from jobs.search import prepare_arrays, resolve_data
     from jobs.tracking import log_keras_model
     from jobs.training import EpochLoop, TrainData, TrainingConfig
     from model.configs import build_model, config_to_dict
     from model.memory import estimate_training_memory
+    from schema import run as layout
 
     data = resolve_data(settings.data)
     model_config = resolve_model_config(settings.family, settings.preset, settings.config)

@@ -214,8 +214,9 @@ def test_worker_image_matches_tensorflow_and_ray_pins() -> None:
     assert args["RAY_VERSION"] == want["ray"]
     text = path.read_text()
     assert "pip install -r requirements.txt" in text
-    for package in ("model", "jobs", "viz"):
+    for package in ("model", "schema", "jobs", "viz"):
         assert f"COPY {package} ./{package}" in text
+    assert "COPY pipeline.py ./" in text
     ignore = [
         line
         for line in (INFRA / "worker.Dockerfile.dockerignore").read_text().splitlines()

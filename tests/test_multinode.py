@@ -20,7 +20,6 @@ import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
-from jobs import artifacts as layout
 from jobs.resources import (
     GPU_MEMORY_RESOURCE,
     MIB,
@@ -32,6 +31,7 @@ from jobs.resources import (
 from jobs.search import plan_trials, run_search
 from jobs.settings import SearchSettings
 from model.dnn import DNNConfig
+from schema import run as layout
 from viz_helpers import dnn_plan, write_fer_csv
 
 LOOPBACK = "127.0.0.1"

@@ -233,8 +233,8 @@ def test_worker_budget_sized_placement_is_recorded_on_the_plan() -> None:
 
 
 def test_a_coursework_model_the_budget_could_not_train_is_said_so_in_words() -> None:
-    from jobs import artifacts as layout
     from jobs.parent import _note_undertrained_coursework
+    from schema import run as layout
 
     def run(name: str, epochs: int, fraction: float) -> Any:
         return SimpleNamespace(

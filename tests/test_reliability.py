@@ -801,7 +801,8 @@ def test_08_hostile_model_artifacts_are_refused_by_viz(
 ) -> None:
     import keras
 
-    from jobs.artifacts import (
+    from model.data import load_fer2013
+    from schema.run import (
         CONFIG_FILE,
         MODEL_DIR,
         MODEL_FILE,
@@ -809,7 +810,6 @@ def test_08_hostile_model_artifacts_are_refused_by_viz(
         log_model_files,
         sha256_file,
     )
-    from model.data import load_fer2013
     from viz.main import run_viz
     from viz.runs import VizError
     from viz.settings import VizSettings
@@ -1097,7 +1097,7 @@ def test_10_s3_upload_survives_dropped_connections(
     import boto3
     from botocore.exceptions import BotoCoreError
 
-    from jobs.artifacts import download_model_files, sha256_file
+    from schema.run import download_model_files, sha256_file
 
     bucket, drops = "fer-artifacts", 5
     boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=bucket)

@@ -10,12 +10,12 @@ import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
-from jobs import artifacts as layout
 from jobs.resources import GIB, MIB, WorkerBudget, budget_from_nodes, place
 from jobs.search import plan_trials, run_search
 from jobs.settings import SearchSettings
 from jobs.space import fixed_points
 from jobs.tracking import TAG_STOP_REASON
+from schema import run as layout
 from viz_helpers import write_fer_csv
 
 
@@ -110,6 +110,8 @@ def test_search_refuses_what_fits_no_worker_and_tracks_the_rest(
     parent = tracking.get_run(result.parent_run_id)
     assert parent.info.status == "FINISHED"
     assert parent.data.tags[layout.TAG_ROLE] == "search"
+    assert parent.info.run_name == Path(result.tune_path).name  # <name>-<timestamp>
+    assert parent.info.run_name.startswith("t-search-")
     children = tracking.search_runs(
         [parent.info.experiment_id],
         filter_string=f"tags.`mlflow.parentRunId` = '{result.parent_run_id}'",

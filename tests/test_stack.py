@@ -198,7 +198,7 @@ def test_train_entry_point_tracks_to_the_stack(stack: Stack, fer2013_path: Path)
         pytest.skip("MLproject or jobs/train.py does not exist yet")
     from mlflow.tracking import MlflowClient
 
-    from jobs.artifacts import MODEL_DIR, MODEL_FILE
+    from schema.run import MODEL_DIR, MODEL_FILE
 
     env = stack.client_env()
     # MLproject commands call `python`: make it this interpreter.

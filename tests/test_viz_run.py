@@ -10,7 +10,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 import viz_helpers as h
-from jobs.artifacts import (
+from schema.run import (
     MODEL_DIR,
     MODEL_FILE,
     TAG_BEST_RUN,

@@ -167,7 +167,7 @@ def log_trial(
 ) -> tuple[str, float]:
     """A child trial run as jobs/ writes it (model_file: the best epoch's .keras);
     returns (run_id, best_val_accuracy)."""
-    from jobs.artifacts import TAG_FAMILY, TAG_ROLE, TAG_STATUS, log_model_files
+    from schema.run import TAG_FAMILY, TAG_ROLE, TAG_STATUS, log_model_files
 
     run = client.create_run(
         experiment_id,
@@ -200,7 +200,7 @@ def build_search(root: Path, experiment_name: str = "fer-viz-test") -> SearchFix
     import keras
     from mlflow.tracking import MlflowClient
 
-    from jobs.artifacts import TAG_BEST_RUN, TAG_DATA_SHA, TAG_ROLE
+    from schema.run import TAG_BEST_RUN, TAG_DATA_SHA, TAG_ROLE
 
     root.mkdir(parents=True, exist_ok=True)
     csv_path = write_fer_csv(root / "fer2013_tiny.csv")

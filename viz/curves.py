@@ -11,7 +11,7 @@ from matplotlib.table import Table
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
-from jobs.artifacts import TAG_COURSEWORK_NOTE, TAG_FAMILY
+from schema.run import TAG_COURSEWORK_NOTE, TAG_FAMILY
 from viz.plotting import plt, save_figure
 from viz.runs import BEST_METRIC, TAG_PARENT, parent_run_id
 

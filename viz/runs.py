@@ -18,7 +18,7 @@ from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from jobs.artifacts import (
+from schema.run import (
     CONFIG_FILE,
     MODEL_DIR,
     MODEL_FILE,

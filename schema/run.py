@@ -1,6 +1,7 @@
 """The layout of a trained model inside an MLflow run (see docs/ARCHITECTURE.md).
 
-`jobs/` writes it, `viz/` reads it; these names are the one place the layout is spelled.
+`jobs/` writes it, `viz/` reads it; it sits below both (imports neither), and these names are
+the one place the layout is spelled.
 """
 
 from __future__ import annotations
