@@ -15,6 +15,7 @@ from typing import Any
 
 REFERENCE_BATCH = 64
 REFERENCE_IMAGES = 1024  # timed; one more batch first, to build the train function
+COPIES_START_DELAY_S = 20.0
 CALIBRATION_TIMEOUT_S = 600  # a worker still starting (a cluster scaling up) may take minutes
 # Per epoch besides the batches: Keras's fit set-up, the validation iterator, the epoch's
 # metrics (0.5-1 s on a laptop core for a DNN whose batches take 2 s; 2026-12-03).
@@ -34,8 +35,12 @@ class Calibration:
         return asdict(self)
 
 
-def measure_reference(threads: int) -> Calibration:
-    """Train the reference CNN on random pixels in this process; must run before TF is used."""
+def measure_reference(threads: int, start_at: float = 0.0) -> Calibration:
+    """Train the reference CNN on random pixels in this process; must run before TF is used.
+
+    The timed part starts at wall time `start_at` (if still ahead), so copies started
+    together time the same seconds whatever their start-up took.
+    """
     import numpy as np
 
     from jobs.trial import configure_tensorflow
@@ -58,6 +63,7 @@ def measure_reference(threads: int) -> Calibration:
     warm = array_batches(x[:REFERENCE_BATCH], labels[:REFERENCE_BATCH], REFERENCE_BATCH)
     model.fit(warm, epochs=1, verbose=0)
     batches = array_batches(x, labels, REFERENCE_BATCH, shuffle_seed=1)
+    time.sleep(max(0.0, start_at - time.time()))
     started = time.perf_counter()
     model.fit(batches, epochs=1, verbose=0)
     seconds = time.perf_counter() - started

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -133,6 +134,8 @@ def test_search_refuses_what_fits_no_worker_and_tracks_the_rest(
             assert run.data.tags[TAG_STOP_REASON] == "scheduler"
         for key in ("family", "param_count", "estimated_memory_mb"):
             assert key in run.data.params
+        # Estimated before launch from the calibration: the trial's time, next to its memory.
+        assert float(run.data.params["estimated_epoch_seconds"]) > 0
         steps = [m.step for m in tracking.get_metric_history(run.info.run_id, "val_accuracy")]
         assert steps == sorted(set(steps)) and steps[0] == 1
         for key in ("loss", "accuracy", "val_loss", "epoch_seconds", "images_per_second"):
@@ -151,6 +154,15 @@ def test_search_refuses_what_fits_no_worker_and_tracks_the_rest(
     )
     csv_text = mlflow.artifacts.load_text(f"runs:/{result.parent_run_id}/search/trials.csv")
     assert csv_text.count("\n") == 5  # header + 4 trials
+    # How the budget went: the machine's speed, and each trial's minutes and time estimate.
+    assert parent.data.metrics["reference_images_per_second"] > 0
+    assert parent.data.metrics["budget_trials_started"] == 3
+    budget = json.loads(
+        mlflow.artifacts.load_text(f"runs:/{result.parent_run_id}/search/budget.json")
+    )
+    assert budget["trials_started"] == 3 and budget["trials_refused"] == 1
+    assert {t["name"] for t in budget["trials"]} == set(by_name)
+    assert budget["epoch_time_estimate_median_abs_err"] is not None
 
     champion = mlflow.pyfunc.load_model(f"models:/{layout.REGISTERED_MODEL}@champion")
     import numpy as np
