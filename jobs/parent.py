@@ -43,7 +43,23 @@ class SearchResult:
     wall_seconds: float = 0.0
 
 
+# MLflow 3's UI opens an experiment by its kind: model training shows the runs table first
+# (without it, a new experiment opens on the GenAI overview of traces and sessions).
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING_KIND = "custom_model_development"
+
+
 def experiment_id(client: Any) -> str:
+    """The experiment the search logs to (MLflow's variables, else Default), marked as a
+    model-training experiment unless its kind is already set."""
+    found = _experiment_id(client)
+    experiment = client.get_experiment(found)
+    if EXPERIMENT_KIND_TAG not in (experiment.tags or {}):
+        client.set_experiment_tag(found, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND)
+    return found
+
+
+def _experiment_id(client: Any) -> str:
     env_id = os.environ.get("MLFLOW_EXPERIMENT_ID")
     if env_id:
         return env_id

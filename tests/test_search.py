@@ -113,6 +113,9 @@ def test_search_refuses_what_fits_no_worker_and_tracks_the_rest(
     assert parent.data.tags[layout.TAG_ROLE] == "search"
     assert parent.info.run_name == Path(result.tune_path).name  # <name>-<timestamp>
     assert parent.info.run_name.startswith("t-search-")
+    # The UI opens the experiment on its training runs, not the GenAI overview.
+    experiment = tracking.get_experiment(parent.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     children = tracking.search_runs(
         [parent.info.experiment_id],
         filter_string=f"tags.`mlflow.parentRunId` = '{result.parent_run_id}'",
