@@ -7,8 +7,11 @@ export MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlflow.db
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 export RAY_USAGE_STATS_ENABLED ?= 0
 ARGS ?=
+PORT ?= 5001
+# `make run` logs to the experiment `fer2013` unless one is named (ARGS or MLflow's variables).
+EXPERIMENT_ARGS := $(if $(findstring --experiment-,$(ARGS))$(MLFLOW_EXPERIMENT_NAME)$(MLFLOW_EXPERIMENT_ID),,--experiment-name fer2013)
 
-.PHONY: run test test-slow test-reliability test-infra lint bench ui clean
+.PHONY: run test test-slow test-reliability test-infra lint bench ui serve clean
 
 $(BIN)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -17,7 +20,7 @@ $(BIN)/.installed: requirements.txt requirements-dev.txt
 	touch $@
 
 run: $(BIN)/.installed
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/mlflow run . --env-manager local $(ARGS)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/mlflow run . --env-manager local $(EXPERIMENT_ARGS) $(ARGS)
 
 test: $(BIN)/.installed
 	$(BIN)/ruff check .
@@ -45,6 +48,10 @@ bench: $(BIN)/.bench-installed
 
 ui: $(BIN)/.installed
 	$(BIN)/mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI) --host 127.0.0.1 --port 5000
+
+# The champion over HTTP on loopback (the venv's bin on PATH: the server needs its uvicorn).
+serve: $(BIN)/.installed
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/mlflow models serve -m "models:/fer2013-expression@champion" --env-manager local --host 127.0.0.1 --port $(PORT)
 
 clean:
 	rm -rf $(VENV) tune_results mlruns mlflow.db

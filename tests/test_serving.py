@@ -1,0 +1,88 @@
+"""The champion answers over HTTP as `make serve` runs it: raw pixels in, 7 probabilities out."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.timeout(600)
+def test_mlflow_models_serve_answers_a_request_of_raw_pixels(tmp_path: Path) -> None:
+    import keras
+    from mlflow.tracking import MlflowClient
+
+    from jobs.parent import register_champion
+    from jobs.tracking import log_keras_model
+    from model.configs import CNNConfig, build_model
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    try:
+        client = MlflowClient(uri)
+        experiment = client.create_experiment("serve", (tmp_path / "artifacts").as_uri())
+        run_id = client.create_run(experiment).info.run_id
+        model = build_model(CNNConfig(filters=(4,), dense_units=(8,)))
+        model.save(tmp_path / "best.keras")
+        register_champion(client, log_keras_model(run_id, tmp_path / "best.keras"), run_id)
+        images = np.random.default_rng(0).integers(0, 256, (2, 48, 48, 1)).astype("float32")
+        expected = model.predict(images, verbose=0)
+        keras.backend.clear_session()
+    finally:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+    port = free_port()
+    bin_dir = str(Path(sys.executable).parent)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    # What `make serve` runs.
+    command = [
+        f"{bin_dir}/mlflow",
+        "models",
+        "serve",
+        "-m",
+        "models:/fer2013-expression@champion",
+        "--env-manager",
+        "local",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
+    log = tmp_path / "serve.log"
+    with open(log, "w") as out:
+        server = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            assert server.poll() is None, log.read_text()[-3000:]
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=5):
+                    break
+            except OSError:
+                assert time.monotonic() < deadline, log.read_text()[-3000:]
+                time.sleep(1)
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/invocations",
+            data=json.dumps({"inputs": images.tolist()}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=60) as response:
+            answer = json.loads(response.read())
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    probabilities = np.asarray(answer["predictions"], dtype=np.float32)
+    assert probabilities.shape == (2, 7)
+    assert np.allclose(probabilities.sum(axis=1), 1.0, atol=1e-4)
+    assert np.allclose(probabilities, expected, atol=1e-5)
