@@ -49,9 +49,9 @@ class Stack:
 
 
 def run_stack(
-    command: str, state: Path, timeout: float = UP_TIMEOUT_S
+    command: str, state: Path, timeout: float = UP_TIMEOUT_S, python: str = sys.executable
 ) -> subprocess.CompletedProcess:
-    env = {**os.environ, "STACK_DIR": str(state), "PYTHON": sys.executable}
+    env = {**os.environ, "STACK_DIR": str(state), "PYTHON": python}
     return subprocess.run(
         ["bash", str(STACK_SH), command],
         capture_output=True,
@@ -70,6 +70,10 @@ def parse_exports(text: str) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     state = tmp_path_factory.mktemp("stack") / "state"
+    # First without a Python (as on a fresh clone before `make test`): a clear error that says
+    # how to get one, and nothing left that blocks the `up` that follows.
+    failed = run_stack("up", state, timeout=60, python=str(state.parent / "no-python"))
+    assert failed.returncode != 0 and "run `make test` once" in failed.stderr, failed.stderr
     started = time.monotonic()
     result = run_stack("up", state)
     if result.returncode != 0:

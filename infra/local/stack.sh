@@ -484,10 +484,17 @@ main() {
         log "nothing to stop ($STATE_DIR does not exist)"
         return 0
     fi
+    if [[ $command == up && ! -x $PYTHON ]]; then
+        # Before the state dir exists: a failed `up` must leave nothing that blocks the next.
+        die "no Python at $PYTHON: run \`make test\` once (it creates .venv with the dev requirements), or set PYTHON to a Python that has requirements-dev.txt installed"
+    fi
     if [[ -d $STATE_DIR && -n $(ls -A "$STATE_DIR") && ! -f $STATE_DIR/$MARKER ]]; then
         die "$STATE_DIR is not a stack state dir (no $MARKER); not touching it"
     fi
-    mkdir -p "$STATE_DIR"
+    if [[ ! -d $STATE_DIR ]]; then
+        mkdir -p "$STATE_DIR"
+        touch "$STATE_DIR/$MARKER" # ours from the start, so an `up` that fails later is retried
+    fi
     # One `up`/`down` at a time per state dir.
     exec 9>"$STATE_DIR/.lock"
     flock -w "$TIMEOUT" 9 || die "another stack.sh is working on $STATE_DIR"
