@@ -149,6 +149,41 @@ def run_config_json(
     }
 
 
+def dataset_inputs(data_info: dict[str, Any]) -> list[Any]:
+    """The run's training and validation data as MLflow datasets (the UI's Dataset column).
+
+    The digest is the first 24 hex digits of the file's SHA-256 and the context (MLflow keeps
+    36 characters); the profile holds the whole hash, the rows, the fraction and the seed.
+    """
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    sha = data_info["sha256"]
+    source = str(data_info["source"])
+    inputs = []
+    for usage, rows_key in (
+        (data_info["train_usage"], "train_rows"),
+        (data_info["val_usage"], "val_rows"),
+    ):
+        context = layout.DATASET_CONTEXTS[usage]
+        profile = {
+            "usage": usage,
+            "rows": data_info.get(rows_key),
+            "sha256": sha,
+            "data_fraction": data_info["data_fraction"],
+            "seed": data_info["seed"],
+        }
+        dataset = Dataset(
+            name=layout.DATASET_NAME,
+            digest=f"{sha[:24]}-{context}",
+            source_type="s3" if source.startswith("s3://") else "local",
+            source=json.dumps({"uri": source}),
+            profile=json.dumps(profile),
+        )
+        inputs.append(DatasetInput(dataset, [InputTag(MLFLOW_DATASET_CONTEXT, context)]))
+    return inputs
+
+
 def pip_requirements() -> list[str]:
     import keras
     import tensorflow as tf
@@ -318,6 +353,7 @@ class MLflowTrialLogger(tune.Callback):
             run = self.client.create_run(self.experiment_id, run_name=plan_name, tags=tags)
             self.run_ids[trial_id] = run.info.run_id
             self.client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in params.items()])
+            self.client.log_inputs(run.info.run_id, dataset_inputs(self.data_info))
 
         self.queue.submit(f"child run for trial {trial_id}", create)
 

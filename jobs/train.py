@@ -61,7 +61,7 @@ def train(settings: TrainSettings) -> dict[str, Any]:
 
     from jobs.resources import MIB
     from jobs.search import prepare_arrays, resolve_data
-    from jobs.tracking import log_keras_model
+    from jobs.tracking import dataset_inputs, log_keras_model
     from jobs.training import EpochLoop, TrainData, TrainingConfig
     from model.configs import build_model, config_to_dict
     from model.memory import estimate_training_memory
@@ -115,6 +115,7 @@ def train(settings: TrainSettings) -> dict[str, Any]:
                     json.dumps(value) if isinstance(value, dict | list) else value
                 )
         mlflow.log_params({k: str(v)[:6000] for k, v in params.items()})
+        client.log_inputs(run_id, dataset_inputs(data_info))
 
         def on_epoch_end(metrics: dict[str, Any], _: Path) -> None:
             epoch = int(metrics["epoch"])

@@ -23,6 +23,11 @@ MLFLOW_MODEL_NAME = "mlflow_model"
 REGISTERED_MODEL = "fer2013-expression"
 CHAMPION_ALIAS = "champion"
 
+# The train and validation inputs of every trial and training run (MLflow datasets): name,
+# and the contexts MLflow's UI shows them under.
+DATASET_NAME = "fer2013"
+DATASET_CONTEXTS = {"Training": "training", "PublicTest": "validation"}
+
 TAG_ROLE = "fer.role"
 TAG_FAMILY = "fer.family"
 TAG_STATUS = "fer.trial_status"

@@ -139,6 +139,14 @@ def test_search_refuses_what_fits_no_worker_and_tracks_the_rest(
             assert key in run.data.params
         # Estimated before launch from the calibration: the trial's time, next to its memory.
         assert float(run.data.params["estimated_epoch_seconds"]) > 0
+        # The data it saw, as MLflow datasets: the UI's Dataset column names it.
+        inputs = tracking.get_run(run.info.run_id).inputs.dataset_inputs
+        contexts = {i.tags[0].value: i.dataset for i in inputs}
+        assert set(contexts) == {"training", "validation"}
+        assert all(d.name == "fer2013" for d in contexts.values())
+        sha = parent.data.tags[layout.TAG_DATA_SHA]
+        assert contexts["training"].digest == f"{sha[:24]}-training"
+        assert json.loads(contexts["validation"].profile)["sha256"] == sha
         steps = [m.step for m in tracking.get_metric_history(run.info.run_id, "val_accuracy")]
         assert steps == sorted(set(steps)) and steps[0] == 1
         for key in ("loss", "accuracy", "val_loss", "epoch_seconds", "images_per_second"):
