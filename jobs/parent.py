@@ -199,6 +199,26 @@ def children(client: Any, parent_id: str) -> list[Any]:
     )
 
 
+def memory_rows(runs: list[Any]) -> list[dict[str, Any]]:
+    """Estimated vs measured peak memory of each trial that trained (search/memory.csv)."""
+    rows = []
+    for run in runs:
+        estimate = float(run.data.params.get("estimated_memory_mb", 0) or 0)
+        peak = run.data.metrics.get("peak_memory_mb")  # the latest epoch's: the peak so far
+        if estimate > 0 and peak:
+            rows.append(
+                {
+                    "name": run.info.run_name,
+                    "run_id": run.info.run_id,
+                    "estimated_memory_mb": round(estimate, 1),
+                    "peak_memory_mb": round(peak, 1),
+                    "gpu_peak_memory_mb": run.data.metrics.get("gpu_peak_memory_mb", ""),
+                    "error": round(estimate / peak - 1, 4),
+                }
+            )
+    return rows
+
+
 def budget_report(client: Any, runs: list[Any], settings: SearchSettings) -> dict[str, Any]:
     """How the budget was spent: minutes, epochs, stop reason and time estimate per trial."""
     trials = []
@@ -271,6 +291,11 @@ def finalise(
         r.info.run_name for r in runs if r.data.tags.get(layout.TAG_STATUS) in REFUSED_STATUSES
     ]
     client.log_text(parent_id, _trials_csv(rows) if rows else "", "search/trials.csv")
+    memory = memory_rows(runs)
+    if memory:
+        client.log_text(parent_id, _trials_csv(memory), "search/memory.csv")
+        errors = [abs(row["error"]) for row in memory]
+        client.log_metric(parent_id, "memory_estimate_median_abs_err", statistics.median(errors))
     report = budget_report(client, runs, settings)
     client.log_text(parent_id, json.dumps(report, indent=2), "search/budget.json")
     now = int(time.time() * 1000)

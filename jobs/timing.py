@@ -59,7 +59,7 @@ def measure_reference(threads: int, start_at: float = 0.0) -> Calibration:
     labels = rng.integers(0, 7, REFERENCE_IMAGES)
     model = build_model(FAST_CNN, stats=pixel_statistics(images))
     model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
-    x = images.astype("float32")
+    x = images  # uint8, as trials feed them (the model casts on entry)
     warm = array_batches(x[:REFERENCE_BATCH], labels[:REFERENCE_BATCH], REFERENCE_BATCH)
     model.fit(warm, epochs=1, verbose=0)
     batches = array_batches(x, labels, REFERENCE_BATCH, shuffle_seed=1)

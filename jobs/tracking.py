@@ -35,7 +35,13 @@ EPOCH_METRICS = (
     "val_accuracy",
     "epoch_seconds",
     "images_per_second",
+    "peak_memory_mb",  # the trial's measured peak, next to its estimated_memory_mb param
 )
+GPU_METRICS = ("gpu_peak_memory_mb",)
+# A trial whose measured peak exceeds what it was placed by (its estimate) by more than this
+# is tagged so, with both numbers.
+MEMORY_OVER_RESERVATION = 1.2
+TAG_MEMORY_OVER = "fer.memory_over_reservation"
 # In the first result after a trial (re)starts only: TF import, data, model build.
 START_METRICS = ("setup_seconds",)
 # On early-stopped trials: "scheduler" (ASHA) or "time_budget" (see _stop_reason).
@@ -372,7 +378,7 @@ class MLflowTrialLogger(tune.Callback):
         now = int(time.time() * 1000)
         metrics = [
             Metric(key, float(result[key]), now, epoch)
-            for key in EPOCH_METRICS + START_METRICS
+            for key in EPOCH_METRICS + START_METRICS + GPU_METRICS
             if key in result
         ]
         metrics.append(Metric("best_val_accuracy", float(result["best_val_accuracy"]), now, epoch))
@@ -436,6 +442,13 @@ class MLflowTrialLogger(tune.Callback):
         extra_tags = {}
         if tag == "early_stopped":
             extra_tags[TAG_STOP_REASON] = self._stop_reason()
+        peak = float((last_result or {}).get("peak_memory_mb", 0.0))
+        reserved = float(placed.placement["estimated_mb"])
+        if reserved > 0 and peak > MEMORY_OVER_RESERVATION * reserved:
+            extra_tags[TAG_MEMORY_OVER] = (
+                f"measured peak {peak:.0f} MiB, placed by an estimate of {reserved:.0f} MiB "
+                f"({peak / reserved:.2f}x)"
+            )
 
         staged: Path | None = None
         if checkpoint is not None and error is None:

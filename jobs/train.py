@@ -84,9 +84,9 @@ def train(settings: TrainSettings) -> dict[str, Any]:
     model = build_model(model_config, stats=stats)
     estimate = estimate_training_memory(model, settings.batch_size, optimizer=settings.optimizer)
     train_data = TrainData(
-        arrays["x_train"].astype("float32"),
+        arrays["x_train"],  # uint8: the model casts on entry
         arrays["y_train"],
-        arrays["x_val"].astype("float32"),
+        arrays["x_val"],
         arrays["y_val"],
     )
 

@@ -77,6 +77,7 @@ def mixup(dataset: Any, alpha: float, seed: int) -> Any:
 
     def mix(index: Any, batch: Any) -> Any:
         x, y = batch
+        x = tf.cast(x, tf.float32)  # uint8 pixels: a mix is between two of them
         rows = tf.shape(x)[0]
         base = tf.stack([tf.constant(seed % (1 << 31), tf.int64), index])
         first = tf.random.stateless_gamma([rows], base, alpha=alpha)

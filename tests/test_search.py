@@ -149,8 +149,17 @@ def test_search_refuses_what_fits_no_worker_and_tracks_the_rest(
         assert json.loads(contexts["validation"].profile)["sha256"] == sha
         steps = [m.step for m in tracking.get_metric_history(run.info.run_id, "val_accuracy")]
         assert steps == sorted(set(steps)) and steps[0] == 1
-        for key in ("loss", "accuracy", "val_loss", "epoch_seconds", "images_per_second"):
+        # peak_memory_mb: measured beside the estimate the trial was placed by.
+        for key in (
+            "loss",
+            "accuracy",
+            "val_loss",
+            "epoch_seconds",
+            "images_per_second",
+            "peak_memory_mb",
+        ):
             assert len(tracking.get_metric_history(run.info.run_id, key)) == len(steps)
+        assert run.data.metrics["peak_memory_mb"] > 0
         # The start-up span is logged once, with the first epoch (the trial never restarted).
         setup = tracking.get_metric_history(run.info.run_id, "setup_seconds")
         assert [m.step for m in setup] == [1] and setup[0].value > 0
@@ -174,6 +183,9 @@ def test_search_refuses_what_fits_no_worker_and_tracks_the_rest(
     assert budget["trials_started"] == 3 and budget["trials_refused"] == 1
     assert {t["name"] for t in budget["trials"]} == set(by_name)
     assert budget["epoch_time_estimate_median_abs_err"] is not None
+    memory_csv = mlflow.artifacts.load_text(f"runs:/{result.parent_run_id}/search/memory.csv")
+    assert memory_csv.count("\n") == 4  # header + the 3 trials that trained
+    assert parent.data.metrics["memory_estimate_median_abs_err"] >= 0
 
     champion = mlflow.pyfunc.load_model(f"models:/{layout.REGISTERED_MODEL}@champion")
     import numpy as np
