@@ -387,6 +387,17 @@ def _without_fidelity(training: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _local_concurrency(cpus_per_trial: float) -> int | None:
+    """On a local Ray, no more trials than run at once: Tune asks the searcher for a trial
+    only when one can start, so the time check sees the time it will really have (a trial
+    proposed while two others ran waited 9 minutes, then could not reach its first rung:
+    2026-12-03 budget search). A cluster (RAY_ADDRESS) keeps Tune's default: its autoscaler
+    adds workers for the trials that wait."""
+    if os.environ.get("RAY_ADDRESS"):
+        return None
+    return _slots(cpus_per_trial)
+
+
 def _slots(cpus_per_trial: float) -> int:
     """How many trials run at once on the cluster's CPUs."""
     import ray
@@ -597,6 +608,7 @@ def _fit(
                 num_samples=num_samples,
                 time_budget_s=budget_s,
                 reuse_actors=False,
+                max_concurrent_trials=_local_concurrency(settings.cpus_per_trial),
             ),
             run_config=tune.RunConfig(
                 name=name,
