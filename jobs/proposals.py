@@ -85,6 +85,17 @@ class Planner:
     val_rows: int
     calibration: Any = None  # jobs.timing.Calibration; None: no time estimate
 
+    def compute_dtype(self, precision: str) -> str:
+        """The activations' dtype a trial of `precision` will use on this budget's workers
+        ("auto" is mixed on GPU workers, float32 on CPU ones; see model/precision.py)."""
+        from model.precision import check_precision
+
+        if check_precision(precision) == "float32":
+            return "float32"
+        if precision == "auto" and self.budget.kind != "gpu":
+            return "float32"
+        return "float16" if precision == "mixed_float16" else "bfloat16"
+
     def place(self, plan: TrialPlan) -> PlacedTrial:
         import keras
         import numpy as np
@@ -103,6 +114,7 @@ class Planner:
             training["optimizer"],
             self.budget,
             self.cpus_per_trial,
+            compute_dtype=self.compute_dtype(training.get("precision", "auto")),
         )
         training = {**training, "micro_batch_size": placement.micro_batch_size}
         rows = max(1, round(self.train_rows * float(training.get("train_fraction", 1.0))))

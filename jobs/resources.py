@@ -122,11 +122,15 @@ def place(
     budget: WorkerBudget,
     cpus_per_trial: float,
     min_micro_batch: int = 4,
+    compute_dtype: str = "float32",
 ) -> Placement:
-    """Decide how (or whether) a trial runs within `budget`."""
+    """Decide how (or whether) a trial runs within `budget` (`compute_dtype`: the activations'
+    dtype, "bfloat16" or "float16" under mixed precision)."""
     from model.memory import estimate_training_memory
 
-    estimated = estimate_training_memory(model, batch_size, optimizer=optimizer)
+    estimated = estimate_training_memory(
+        model, batch_size, optimizer=optimizer, compute_dtype=compute_dtype
+    )
     if estimated <= budget.bytes_per_worker:
         resources, limit, selector = _resources(budget, estimated, cpus_per_trial)
         return Placement("fits", estimated, batch_size, resources, limit, label_selector=selector)
@@ -134,7 +138,11 @@ def place(
     while micro // 2 >= min_micro_batch and batch_size % (micro // 2) == 0:
         micro //= 2
         estimated_micro = estimate_training_memory(
-            model, micro, optimizer=optimizer, accumulation_steps=batch_size // micro
+            model,
+            micro,
+            optimizer=optimizer,
+            accumulation_steps=batch_size // micro,
+            compute_dtype=compute_dtype,
         )
         if estimated_micro <= budget.bytes_per_worker:
             resources, limit, selector = _resources(budget, estimated_micro, cpus_per_trial)
@@ -149,7 +157,11 @@ def place(
                 label_selector=selector,
             )
     smallest = estimate_training_memory(
-        model, micro, optimizer=optimizer, accumulation_steps=batch_size // micro
+        model,
+        micro,
+        optimizer=optimizer,
+        accumulation_steps=batch_size // micro,
+        compute_dtype=compute_dtype,
     )
     return Placement(
         "does_not_fit",

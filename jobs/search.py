@@ -149,12 +149,14 @@ def init_ray(num_cpus: int | None = None) -> None:
         )
 
 
-def _plans(dicts: list[dict[str, Any]], train_fraction: float) -> list[TrialPlan]:
+def _plans(
+    dicts: list[dict[str, Any]], train_fraction: float, precision: str = "auto"
+) -> list[TrialPlan]:
     return [
         TrialPlan(
             p["name"],
             p["model"],
-            {"train_fraction": train_fraction, **p["training"]},
+            {"train_fraction": train_fraction, "precision": precision, **p["training"]},
         )
         for p in dicts
     ]
@@ -177,7 +179,7 @@ def plan_trials(
         fraction = 1.0
     planner = Planner(budget, settings.cpus_per_trial, 1, 0)
     entries = []
-    for plan in _plans(plans, fraction):
+    for plan in _plans(plans, fraction, settings.precision):
         placed = planner.place(plan)
         entries.append({"plan": placed.plan.to_dict(), "placement": placed.placement})
     return entries
@@ -240,7 +242,8 @@ def _explore_searcher(
     clock = ProposalClock(budget_s)
     if plans is not None:
         common = {"grace_epochs": grace_epochs(settings, 1.0), "faults": fault_injection}
-        return PlacingSearcher(planner, list(_plans(plans, 1.0)), recorder, clock, **common)
+        fixed_plans = _plans(plans, 1.0, settings.precision)
+        return PlacingSearcher(planner, fixed_plans, recorder, clock, **common)
     common = {
         "grace_epochs": grace_epochs(settings, settings.explore_fraction),
         "faults": fault_injection,
@@ -248,7 +251,7 @@ def _explore_searcher(
     families = parse_families(settings.families)
     fixed = fixed_points(families, settings.max_epochs, settings.seed)
     queue: list[TrialPlan | None] = []
-    for plan in _plans(fixed, settings.explore_fraction):
+    for plan in _plans(fixed, settings.explore_fraction, settings.precision):
         # The known-good CNN is a point of the space: the model-based searcher runs it first.
         queue.append(None if plan.name == "cnn-fast" else _anchor_fidelity(plan, planner, budget_s))
     searched = adaptive_families(families)
@@ -267,7 +270,9 @@ def _explore_searcher(
         clock,
         inner=inner,
         inner_names=["cnn-fast"] if points else [],
-        make_plan=SpacePlanMaker(settings.max_epochs, settings.seed, settings.explore_fraction),
+        make_plan=SpacePlanMaker(
+            settings.max_epochs, settings.seed, settings.explore_fraction, settings.precision
+        ),
         **common,
     )
 
@@ -296,10 +301,13 @@ def grace_epochs(settings: SearchSettings, train_fraction: float) -> int:
 class SpacePlanMaker:
     """Turns a point of the space into a trial plan (picklable: the searcher is checkpointed)."""
 
-    def __init__(self, max_epochs: int, seed: int, train_fraction: float) -> None:
+    def __init__(
+        self, max_epochs: int, seed: int, train_fraction: float, precision: str = "auto"
+    ) -> None:
         self.max_epochs = max_epochs
         self.seed = seed
         self.train_fraction = train_fraction
+        self.precision = precision
 
     def __call__(self, params: dict[str, Any], name: str) -> TrialPlan:
         from jobs.space import model_from_params, training_from_params
@@ -307,6 +315,7 @@ class SpacePlanMaker:
 
         training = training_from_params(params, self.max_epochs, self.seed)
         training["train_fraction"] = self.train_fraction
+        training["precision"] = self.precision
         return TrialPlan(name, config_to_dict(model_from_params(params)), training)
 
 

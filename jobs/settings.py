@@ -40,6 +40,8 @@ class SearchSettings:
     # that ends with the budget; 0: no final training.
     final_budget_share: float = 0.5
     final_trials: int = 2  # best configs trained in the final share (at most one per slot)
+    # auto: mixed_bfloat16 / mixed_float16 on GPUs, float32 on CPUs (model/precision.py)
+    precision: str = "auto"
     grace_epochs: int = 2
     max_failures: int = 2
     register: bool = True
@@ -55,6 +57,9 @@ class SearchSettings:
             )
         if self.num_samples < 1:
             raise ValueError(f"num_samples: expected >= 1, got {self.num_samples}")
+        from model.precision import check_precision
+
+        check_precision(self.precision)
 
 
 @dataclass
@@ -72,6 +77,7 @@ class TrainSettings:
     data_fraction: float = 1.0
     seed: int = 2017
     lr_schedule: str = "constant"  # or "cosine" (a half cosine over the epochs)
+    precision: str = "auto"  # mixed on a GPU, float32 on a CPU (model/precision.py)
 
 
 @dataclass

@@ -387,7 +387,7 @@ class MLflowTrialLogger(tune.Callback):
             "oom_retries": str(result.get("oom_retries", 0)),
         }
         # Where it ran (a restored trial may move): Ray node id and the GPU ids Ray gave it.
-        for key in ("node_id", "gpu_ids"):
+        for key in ("node_id", "gpu_ids", "precision"):
             if result.get(key):
                 extra[key] = str(result[key])
         self.queue.submit(

@@ -65,6 +65,7 @@ def train(settings: TrainSettings) -> dict[str, Any]:
     from jobs.training import EpochLoop, TrainData, TrainingConfig
     from model.configs import build_model, config_to_dict
     from model.memory import estimate_training_memory
+    from model.precision import apply_precision, resolve_precision
     from schema import run as layout
 
     data = resolve_data(settings.data)
@@ -77,10 +78,13 @@ def train(settings: TrainSettings) -> dict[str, Any]:
         max_epochs=settings.epochs,
         seed=settings.seed,
         lr_schedule=settings.lr_schedule,
+        precision=settings.precision,
     )
     arrays, data_info = prepare_arrays(data, settings.data_fraction, settings.seed)
     keras.utils.set_random_seed(settings.seed)
     stats = (arrays["mean"], arrays["variance"])
+    policy = resolve_precision(settings.precision)
+    apply_precision(policy)  # before the model: its layers take the policy they are built under
     model = build_model(model_config, stats=stats)
     estimate = estimate_training_memory(model, settings.batch_size, optimizer=settings.optimizer)
     train_data = TrainData(
@@ -96,6 +100,7 @@ def train(settings: TrainSettings) -> dict[str, Any]:
         run_id = run.info.run_id
         mlflow.set_tags(
             {
+                "fer.precision": policy,
                 layout.TAG_ROLE: "train",
                 layout.TAG_FAMILY: settings.family,
                 layout.TAG_DATA_SHA: data_info["sha256"],

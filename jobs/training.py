@@ -48,6 +48,7 @@ class TrainingConfig:
     # Stratified share of the training rows this run sees: a lower-fidelity trial
     # (BENCHMARKS.md, "Budget search"). Validation always uses every row.
     train_fraction: float = 1.0
+    precision: str = "auto"  # see model/precision.py; resolved by the process that trains
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
@@ -78,6 +79,9 @@ class TrainingConfig:
             value = getattr(self, name)
             if not (isinstance(value, int | float) and low <= value <= high):
                 raise ValueError(f"{name}: expected a number in [{low}, {high}], got {value!r}")
+        from model.precision import check_precision
+
+        check_precision(self.precision)
         if not (isinstance(self.train_fraction, int | float) and 0 < self.train_fraction <= 1):
             raise ValueError(
                 f"train_fraction: expected a number in (0, 1], got {self.train_fraction!r}"

@@ -131,6 +131,11 @@ def train_trial(config: dict[str, Any], data: dict[str, Any] | None = None) -> N
     import keras
 
     from model.configs import build_model, config_from_dict
+    from model.precision import apply_precision, resolve_precision
+
+    # Before the model exists: its layers take the policy they are built under.
+    policy = resolve_precision(trial["training"].get("precision", "auto"))
+    apply_precision(policy)
 
     if data is None:
         raise ValueError("train_trial needs the data through tune.with_parameters(data=...)")
@@ -174,7 +179,7 @@ def train_trial(config: dict[str, Any], data: dict[str, Any] | None = None) -> N
             fault=fault,
         )
 
-    where = placed_on()
+    where = {**placed_on(), "precision": policy}
     # Start-up cost of this (re)start: TF import, data from the object store, model build.
     once: dict[str, Any] = {"setup_seconds": time.perf_counter() - entered}
 

@@ -268,7 +268,10 @@ def dense_head(
             x = keras.layers.Dense(n, activation=activation, name=f"dense{i}")(x)
         if dropout > 0:
             x = keras.layers.Dropout(dropout, name=f"dense{i}_dropout")(x)
-    return keras.layers.Dense(NUM_CLASSES, activation="softmax", name="predictions")(x)
+    # float32 whatever the precision policy: mixed-precision models predict as float32 ones.
+    return keras.layers.Dense(
+        NUM_CLASSES, activation="softmax", name="predictions", dtype="float32"
+    )(x)
 
 
 def _named_specs(config: CNNConfig) -> list[tuple[str, LayerSpec]]:

@@ -136,18 +136,21 @@ def memory_breakdown(
     optimizer: str = "adam",
     dtype: str = "float32",
     accumulation_steps: int = 1,
+    compute_dtype: str | None = None,
 ) -> dict[str, int]:
     """The terms of `estimate_training_memory`, in bytes (their sum is the estimate).
 
     `optimizer` is a name of `model.optimizers.OPTIMIZERS`; `accumulation_steps` > 1 (a
     micro-batch of `batch_size` rows accumulating into a bigger batch) adds one accumulator
-    per trainable variable.
+    per trainable variable. `dtype` is the variables' (master weights, gradients, slots);
+    `compute_dtype` the activations' (mixed precision: "bfloat16" or "float16"; default
+    `dtype`).
     """
     _check_model(model)
     batch_size = _check_batch(batch_size)
     size = _dtype_bytes(dtype)
     slots = slots_per_variable(optimizer, accumulation_steps)
-    profile = layer_profile(model, dtype)
+    profile = layer_profile(model, compute_dtype or dtype)
     trainable = sum(_variable_bytes(model.trainable_weights, size))
     workspace = max((min(p.workspace * batch_size, CONV_WORKSPACE_CAP) for p in profile), default=0)
     return {
@@ -167,12 +170,13 @@ def estimate_training_memory(
     optimizer: str = "adam",
     dtype: str = "float32",
     accumulation_steps: int = 1,
+    compute_dtype: str | None = None,
 ) -> int:
     """Estimated peak bytes of one training step of `model` at `batch_size`.
 
     Includes the weights, so it is the memory a trial needs on top of an idle framework.
     """
-    parts = memory_breakdown(model, batch_size, optimizer, dtype, accumulation_steps)
+    parts = memory_breakdown(model, batch_size, optimizer, dtype, accumulation_steps, compute_dtype)
     return int(sum(parts.values()))
 
 
