@@ -38,6 +38,8 @@ EPOCH_METRICS = (
     "peak_memory_mb",  # the trial's measured peak, next to its estimated_memory_mb param
 )
 GPU_METRICS = ("gpu_peak_memory_mb",)
+SYSTEM_RESULT_PREFIX = "system_"  # in a trial's results (jobs/trial.py, SystemSampler)
+SYSTEM_PREFIX = "system/"  # in MLflow
 # A trial whose measured peak exceeds what it was placed by (its estimate) by more than this
 # is tagged so, with both numbers.
 MEMORY_OVER_RESERVATION = 1.2
@@ -382,6 +384,12 @@ class MLflowTrialLogger(tune.Callback):
             if key in result
         ]
         metrics.append(Metric("best_val_accuracy", float(result["best_val_accuracy"]), now, epoch))
+        # The trial's system samples, under MLflow's own names (its UI charts `system/...`).
+        metrics += [
+            Metric(SYSTEM_PREFIX + key[len(SYSTEM_RESULT_PREFIX) :], float(value), now, epoch)
+            for key, value in result.items()
+            if key.startswith(SYSTEM_RESULT_PREFIX) and isinstance(value, int | float)
+        ]
         extra = {
             "micro_batch_size": str(result.get("micro_batch_size", "")),
             "oom_retries": str(result.get("oom_retries", 0)),

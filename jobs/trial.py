@@ -75,6 +75,49 @@ def measured_memory(baseline: int) -> dict[str, float]:
     return found
 
 
+class SystemSampler:
+    """The worker's CPU and memory since the previous sample, from /proc (Linux; empty where it
+    is missing), under the names MLflow's system-metrics charts show (`system/...`, as
+    `system_...` here: Tune would read a `/` as nesting)."""
+
+    def __init__(self) -> None:
+        self.last = self._cpu_times()
+
+    @staticmethod
+    def _cpu_times() -> tuple[int, int] | None:
+        try:
+            with open("/proc/stat") as handle:
+                fields = [int(v) for v in handle.readline().split()[1:]]
+        except (OSError, ValueError):
+            return None
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+        return sum(fields), idle
+
+    def sample(self) -> dict[str, float]:
+        found: dict[str, float] = {}
+        now = self._cpu_times()
+        if now and self.last and now[0] > self.last[0]:
+            total, idle = now[0] - self.last[0], now[1] - self.last[1]
+            found["system_cpu_utilization_percentage"] = 100.0 * (1 - idle / total)
+        self.last = now
+        try:
+            with open("/proc/meminfo") as handle:
+                info = {line.split(":")[0]: int(line.split()[1]) for line in handle}
+            used = (info["MemTotal"] - info["MemAvailable"]) * 1024
+            found["system_system_memory_usage_megabytes"] = used / MIB
+            found["system_system_memory_usage_percentage"] = (
+                100.0 * used / (info["MemTotal"] * 1024)
+            )
+        except (OSError, KeyError, ValueError, IndexError):
+            pass
+        import tensorflow as tf
+
+        if tf.config.list_logical_devices("GPU"):
+            current = tf.config.experimental.get_memory_info("GPU:0")["current"]
+            found["system_gpu_0_memory_usage_megabytes"] = current / MIB
+        return found
+
+
 def configure_tensorflow(cpus: float, gpu_memory_mb: float) -> None:
     """Size TF's thread pools to this trial's CPU share and cap its GPU memory to its estimate.
 
@@ -183,9 +226,11 @@ def train_trial(config: dict[str, Any], data: dict[str, Any] | None = None) -> N
     # Start-up cost of this (re)start: TF import, data from the object store, model build.
     once: dict[str, Any] = {"setup_seconds": time.perf_counter() - entered}
 
+    system = SystemSampler()
+
     def report(metrics: dict[str, Any], directory: Path) -> None:
         tune.report(
-            {**metrics, **where, **once, **measured_memory(baseline)},
+            {**metrics, **where, **once, **measured_memory(baseline), **system.sample()},
             checkpoint=tune.Checkpoint.from_directory(str(directory)),
         )
         once.clear()

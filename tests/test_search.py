@@ -160,6 +160,9 @@ def test_search_refuses_what_fits_no_worker_and_tracks_the_rest(
         ):
             assert len(tracking.get_metric_history(run.info.run_id, key)) == len(steps)
         assert run.data.metrics["peak_memory_mb"] > 0
+        # System metrics under MLflow's names, one sample per epoch.
+        for key in ("system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"):
+            assert len(tracking.get_metric_history(run.info.run_id, key)) == len(steps), key
         # The start-up span is logged once, with the first epoch (the trial never restarted).
         setup = tracking.get_metric_history(run.info.run_id, "setup_seconds")
         assert [m.step for m in setup] == [1] and setup[0].value > 0
