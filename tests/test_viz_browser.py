@@ -75,3 +75,56 @@ def test_report_html_renders_in_chromium(
     # which the page's own greys and pale table headers never produce.
     saturation = rgb.max(axis=2) - rgb.min(axis=2)
     assert np.mean(saturation > 80) > 0.002
+
+
+@pytest.mark.timeout(600)
+def test_mlflow_ui_shows_the_search_parent_and_its_children(
+    tmp_path_factory: pytest.TempPathFactory, tmp_path: Path
+) -> None:
+    """The MLflow UI on loopback over a finished search: its runs page lists the parent, and
+    expanding it lists the trials (headless Chromium driven by Playwright; a screenshot)."""
+    import sys
+    import time
+    import urllib.request
+
+    from playwright.sync_api import sync_playwright
+
+    from conftest import free_port
+
+    search = h.shared_search(tmp_path_factory)
+    port = free_port()
+    log = tmp_path / "ui.log"
+    mlflow_bin = Path(sys.executable).parent / "mlflow"
+    command = [str(mlflow_bin), "server", "--backend-store-uri", search.tracking_uri]
+    command += ["--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    with open(log, "w") as out:
+        server = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert server.poll() is None, log.read_text()[-3000:]
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5):
+                    break
+            except OSError:
+                assert time.monotonic() < deadline, log.read_text()[-3000:]
+                time.sleep(1)
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(
+                executable_path=str(CHROMIUM), args=["--no-sandbox", "--disable-gpu"]
+            )
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(f"http://127.0.0.1:{port}/#/experiments/{search.experiment_id}/runs")
+            parent = page.locator("[role=row]", has_text="search").first
+            parent.wait_for(timeout=90_000)
+            # Nested runs start collapsed under their parent: expand it.
+            parent.locator("button[data-component-id*='runnamecellrenderer']").first.click()
+            page.get_by_text("dnn-trial", exact=True).first.wait_for(timeout=60_000)
+            names = set(page.locator("[role=row] a").all_inner_texts())
+            page.screenshot(path=str(tmp_path / "runs.png"))
+            browser.close()
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    assert {"search", "cnn-trial", "dnn-trial"} <= names, names
+    assert h.png_size(tmp_path / "runs.png") == (1400, 1000)
