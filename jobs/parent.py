@@ -23,9 +23,9 @@ from schema import run as layout
 
 log = logging.getLogger("jobs.search")
 
-TAG_SEARCH_NAME = "fer.search_name"
-TAG_TUNE_PATH = "fer.tune_path"
-TAG_MODEL_URI = "fer.model_uri"
+TAG_SEARCH_NAME = layout.TAG_SEARCH_NAME
+TAG_TUNE_PATH = layout.TAG_TUNE_PATH
+TAG_MODEL_URI = layout.TAG_MODEL_URI
 REFUSED_STATUSES = ("does_not_fit", "over_budget")
 # Full-data epochs below which a coursework model's accuracy is not the model's but the
 # budget's (SEED2017 is still near chance after 2; published runs train it for 30+).
@@ -100,7 +100,7 @@ def open_parent(
         parent_id = parent.info.run_id
         if launched_run and launched_run != parent_id:
             client.set_tag(launched_run, layout.TAG_ROLE, "search_resume")
-            client.set_tag(launched_run, "fer.resumed_parent", parent_id)
+            client.set_tag(launched_run, layout.TAG_RESUMED_PARENT, parent_id)
         client.update_run(parent_id, status="RUNNING")
         return parent_id, parent.data.tags[TAG_TUNE_PATH], True
     from mlflow.utils.mlflow_tags import MLFLOW_RUN_NAME
@@ -142,7 +142,7 @@ def log_parent(
         TAG_SEARCH_NAME: settings.name,
         TAG_TUNE_PATH: tune_path,
         layout.TAG_DATA_SHA: data_info["sha256"],
-        "fer.worker_budget": budget.describe(),
+        layout.TAG_WORKER_BUDGET: budget.describe(),
         "version.tensorflow": tf.__version__,
         "version.keras": keras.__version__,
         "version.ray": ray.__version__,
@@ -152,7 +152,7 @@ def log_parent(
     metrics = []
     if calibration is not None:
         now = int(time.time() * 1000)
-        tags["fer.calibration"] = json.dumps(calibration.to_dict())
+        tags[layout.TAG_CALIBRATION] = json.dumps(calibration.to_dict())
         metrics.append(
             Metric("reference_images_per_second", calibration.reference_images_per_second, now, 0)
         )
@@ -236,10 +236,10 @@ def budget_report(client: Any, runs: list[Any], settings: SearchSettings) -> dic
                 "name": run.info.run_name,
                 "phase": params.get("phase", ""),
                 "status": tags.get(layout.TAG_STATUS, run.info.status),
-                "stop_reason": tags.get("fer.stop_reason", ""),
-                "refusal": tags.get("fer.refusal", ""),
+                "stop_reason": tags.get(layout.TAG_STOP_REASON, ""),
+                "refusal": tags.get(layout.TAG_REFUSAL, ""),
                 "minutes": round((end - run.info.start_time) / 60000, 2),
-                "epochs_done": int(tags.get("fer.epochs_done", 0) or 0),
+                "epochs_done": int(tags.get(layout.TAG_EPOCHS_DONE, 0) or 0),
                 "max_epochs": int(params.get("max_epochs", 0) or 0),
                 "train_fraction": float(params.get("train_fraction", 1.0) or 1.0),
                 "estimated_epoch_seconds": estimate,
@@ -282,7 +282,7 @@ def finalise(
                 "estimated_memory_mb": run.data.params.get("estimated_memory_mb", ""),
                 "estimated_epoch_seconds": run.data.params.get("estimated_epoch_seconds", ""),
                 "best_val_accuracy": run.data.metrics.get("best_val_accuracy", ""),
-                "epochs_done": run.data.tags.get("fer.epochs_done", ""),
+                "epochs_done": run.data.tags.get(layout.TAG_EPOCHS_DONE, ""),
             }
         )
     result.trials = rows
@@ -332,7 +332,7 @@ def finalise(
     result.best_val_accuracy = best.data.metrics["best_val_accuracy"]
     client.set_tag(parent_id, layout.TAG_BEST_RUN, best.info.run_id)
     client.log_metric(parent_id, "best_val_accuracy", result.best_val_accuracy)
-    client.set_tag(best.info.run_id, "fer.best", "true")
+    client.set_tag(best.info.run_id, layout.TAG_BEST, "true")
     for family in ("cnn", "dnn"):
         of_family = [r for r in scored if r.data.tags.get(layout.TAG_FAMILY) == family]
         if of_family:
@@ -355,7 +355,7 @@ def _note_undertrained_coursework(client: Any, runs: list[Any], settings: Search
         name, params = run.info.run_name, run.data.params
         if name not in COURSEWORK_POINTS or "best_val_accuracy" not in run.data.metrics:
             continue
-        epochs = int(run.data.tags.get("fer.epochs_done", 0) or 0)
+        epochs = int(run.data.tags.get(layout.TAG_EPOCHS_DONE, 0) or 0)
         fraction = float(params.get("train_fraction", 1.0) or 1.0)
         full = epochs * fraction
         if full >= COURSEWORK_MIN_EPOCHS:

@@ -212,8 +212,8 @@ class RefusalRecorder:
             layout.TAG_ROLE: "trial",
             layout.TAG_FAMILY: placed.plan.model["family"],
             layout.TAG_STATUS: placed.refusal,
-            "fer.plan_name": placed.plan.name,
-            "fer.refusal": placed.reason,
+            layout.TAG_PLAN_NAME: placed.plan.name,
+            layout.TAG_REFUSAL: placed.reason,
         }
         params = flat_params(placed)
 

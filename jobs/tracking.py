@@ -43,11 +43,11 @@ SYSTEM_PREFIX = "system/"  # in MLflow
 # A trial whose measured peak exceeds what it was placed by (its estimate) by more than this
 # is tagged so, with both numbers.
 MEMORY_OVER_RESERVATION = 1.2
-TAG_MEMORY_OVER = "fer.memory_over_reservation"
+TAG_MEMORY_OVER = layout.TAG_MEMORY_OVER
 # In the first result after a trial (re)starts only: TF import, data, model build.
 START_METRICS = ("setup_seconds",)
 # On early-stopped trials: "scheduler" (ASHA) or "time_budget" (see _stop_reason).
-TAG_STOP_REASON = "fer.stop_reason"
+TAG_STOP_REASON = layout.TAG_STOP_REASON
 STOP_MARGIN_S = 10.0
 # Errors that will not go away by retrying (bad value, duplicate): drop the op, don't block.
 _PERMANENT = {"INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST"}
@@ -351,8 +351,8 @@ class MLflowTrialLogger(tune.Callback):
             layout.TAG_ROLE: "trial",
             layout.TAG_FAMILY: placed.plan.model["family"],
             layout.TAG_TRIAL_ID: trial_id,
-            "fer.plan_name": plan_name,
-            "fer.phase": placed.plan.phase,
+            layout.TAG_PLAN_NAME: plan_name,
+            layout.TAG_PHASE: placed.plan.phase,
         }
         params = flat_params(placed)
         self.logged_epochs.setdefault(trial_id, set())
@@ -403,7 +403,7 @@ class MLflowTrialLogger(tune.Callback):
             lambda: self.client.log_batch(
                 self.run_ids[trial_id],
                 metrics=metrics,
-                tags=[RunTag(f"fer.{k}", v) for k, v in extra.items()],
+                tags=[RunTag(layout.RESULT_TAG_PREFIX + k, v) for k, v in extra.items()],
             ),
         )
 
@@ -473,12 +473,12 @@ class MLflowTrialLogger(tune.Callback):
 
         def finish() -> None:
             run_id = self.run_ids[trial_id]
-            tags = {layout.TAG_STATUS: tag, "fer.epochs_done": str(epochs_done), **extra_tags}
+            tags = {layout.TAG_STATUS: tag, layout.TAG_EPOCHS_DONE: str(epochs_done), **extra_tags}
             if error:
-                tags["fer.error"] = error[-4000:]
+                tags[layout.TAG_ERROR] = error[-4000:]
             if staged is not None and (staged / "best.keras").exists():
                 layout.log_model_files(self.client, run_id, staged / "best.keras", run_config)
-                tags["fer.model_uri"] = log_keras_model(run_id, staged / "best.keras")
+                tags[layout.TAG_MODEL_URI] = log_keras_model(run_id, staged / "best.keras")
             self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
             self.client.set_terminated(run_id, status)
 

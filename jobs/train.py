@@ -100,7 +100,7 @@ def train(settings: TrainSettings) -> dict[str, Any]:
         run_id = run.info.run_id
         mlflow.set_tags(
             {
-                "fer.precision": policy,
+                layout.TAG_PRECISION: policy,
                 layout.TAG_ROLE: "train",
                 layout.TAG_FAMILY: settings.family,
                 layout.TAG_DATA_SHA: data_info["sha256"],
@@ -162,7 +162,7 @@ def train(settings: TrainSettings) -> dict[str, Any]:
             best = Path(workdir) / "best.keras"
             digest = layout.log_model_files(client, run_id, best, run_config)
             model_uri = log_keras_model(run_id, best)
-        mlflow.set_tags({layout.TAG_STATUS: "finished", "fer.model_uri": model_uri})
+        mlflow.set_tags({layout.TAG_STATUS: "finished", layout.TAG_MODEL_URI: model_uri})
         mlflow.log_metric("best_val_accuracy", state.best_val_accuracy)
     return {
         "run_id": run_id,

@@ -28,9 +28,27 @@ CHAMPION_ALIAS = "champion"
 DATASET_NAME = "fer2013"
 DATASET_CONTEXTS = {"Training": "training", "PublicTest": "validation"}
 
+# Every tag the project writes, spelled here only (tests/test_layout.py greps for strays).
 TAG_ROLE = "fer.role"
 TAG_FAMILY = "fer.family"
 TAG_STATUS = "fer.trial_status"
+TAG_PLAN_NAME = "fer.plan_name"
+TAG_PHASE = "fer.phase"
+TAG_REFUSAL = "fer.refusal"  # why a proposal was not started (does_not_fit / over_budget)
+TAG_STOP_REASON = "fer.stop_reason"  # on early-stopped trials: scheduler or time_budget
+TAG_EPOCHS_DONE = "fer.epochs_done"
+TAG_ERROR = "fer.error"
+TAG_MODEL_URI = "fer.model_uri"  # the MLflow Keras flavour of the run's model
+TAG_BEST = "fer.best"
+TAG_MEMORY_OVER = "fer.memory_over_reservation"
+TAG_PRECISION = "fer.precision"
+# A trial's latest result's placement: "fer." + node_id, gpu_ids, precision.
+RESULT_TAG_PREFIX = "fer."
+TAG_SEARCH_NAME = "fer.search_name"
+TAG_TUNE_PATH = "fer.tune_path"
+TAG_RESUMED_PARENT = "fer.resumed_parent"
+TAG_WORKER_BUDGET = "fer.worker_budget"
+TAG_CALIBRATION = "fer.calibration"
 TAG_TRIAL_ID = "ray.trial_id"
 TAG_BEST_RUN = "best_run_id"
 TAG_DATA_SHA = "fer.data_sha256"

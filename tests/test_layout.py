@@ -44,3 +44,19 @@ def test_the_walk_sees_lazy_imports(tmp_path: Path) -> None:
     module = tmp_path / "m.py"
     module.write_text("def f():\n    from viz.main import run_viz\n    import jobs.search\n")
     assert project_imports(module) == {"viz", "jobs"}
+
+
+def test_every_tag_is_spelled_in_the_schema_only() -> None:
+    """No `fer.` tag literal in the product outside schema/ (one home for every logged name)."""
+    import re
+
+    stray = {}
+    for layer in ("model", "jobs", "viz"):
+        for path in sorted((ROOT / layer).rglob("*.py")):
+            found = re.findall(r"""f?["']fer\.[a-z_]""", path.read_text())
+            if found:
+                stray[str(path.relative_to(ROOT))] = found
+    found = re.findall(r"""f?["']fer\.[a-z_]""", (ROOT / "pipeline.py").read_text())
+    if found:
+        stray["pipeline.py"] = found
+    assert not stray, f"tag literals outside schema/: {stray}"

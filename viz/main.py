@@ -28,6 +28,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
+from schema.run import TAG_FAMILY  # noqa: E402
 from viz import confusion, curves, filters, saliency  # noqa: E402
 from viz.plotting import safe_name  # noqa: E402
 from viz.report import (  # noqa: E402
@@ -244,7 +245,7 @@ def run_viz(settings: VizSettings, client: MlflowClient | None = None) -> dict[s
                     )
 
         run = loaded.run
-        family = run.data.tags.get("fer.family") or str(config.get("family", "unknown"))
+        family = run.data.tags.get(TAG_FAMILY) or str(config.get("family", "unknown"))
         facts = ReportFacts(
             run_id=run_id,
             family=family,
