@@ -430,7 +430,6 @@ class MLflowTrialLogger(tune.Callback):
         checkpoint: Any,
         last_result: dict,
         error: str | None,
-        killed: bool = False,
     ) -> None:
         """Log the model (if any) and close the child run: FINISHED, FAILED or KILLED."""
         if trial_id in self.completed:
@@ -441,8 +440,6 @@ class MLflowTrialLogger(tune.Callback):
         epochs_done = int((last_result or {}).get("epoch", 0))
         if error is not None:
             status, tag = "FAILED", "failed"
-        elif killed:
-            status, tag = "KILLED", "killed"
         elif epochs_done < max_epochs:
             status, tag = "FINISHED", "early_stopped"
         else:

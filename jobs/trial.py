@@ -203,24 +203,17 @@ def train_trial(config: dict[str, Any], data: dict[str, Any] | None = None) -> N
 
     workdir = make_workdir()
     checkpoint = tune.get_checkpoint()
-    if checkpoint is not None:
-        restored = Path(checkpoint.to_directory(str(workdir / "restored")))
-        loop = EpochLoop(
-            lambda: build_model(model_config, stats=stats),
-            arrays,
-            _training_config(trial),
-            workdir / "current",
-            resume_from=restored,
-            fault=fault,
-        )
-    else:
-        loop = EpochLoop(
-            lambda: build_model(model_config, stats=stats),
-            arrays,
-            _training_config(trial),
-            workdir / "current",
-            fault=fault,
-        )
+    loop = EpochLoop(
+        lambda: build_model(model_config, stats=stats),
+        arrays,
+        _training_config(trial),
+        workdir / "current",
+        # A restarted trial (its process was killed) goes on from its last epoch.
+        resume_from=Path(checkpoint.to_directory(str(workdir / "restored")))
+        if checkpoint
+        else None,
+        fault=fault,
+    )
 
     where = {**placed_on(), "precision": policy}
     # Start-up cost of this (re)start: TF import, data from the object store, model build.

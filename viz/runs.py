@@ -51,7 +51,6 @@ class LoadedRun:
     model: Any  # keras.Model; typed loosely so importing this module stays cheap
     config: dict[str, Any]
     sha256: str
-    model_path: Path
 
     @property
     def run_id(self) -> str:
@@ -192,7 +191,7 @@ def load_verified_model(client: MlflowClient, run_id: str, dst: str | Path) -> L
             f"{type(error).__name__}: {error}"
         ) from error
     check_model_shape(run_id, model)
-    return LoadedRun(run=run, model=model, config=config, sha256=actual, model_path=files["model"])
+    return LoadedRun(run=run, model=model, config=config, sha256=actual)
 
 
 def check_model_shape(run_id: str, model: Any) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 # Layer names as Keras allows them; the check keeps a typo such as "conv 1" from reaching Keras.
@@ -98,8 +98,3 @@ class VizSettings:
     def layer_names(self) -> list[str]:
         """The `layers` setting as a list; empty means every conv layer."""
         return [name.strip() for name in self.layers.split(",") if name.strip()]
-
-    @classmethod
-    def field_defaults(cls) -> dict[str, Any]:
-        """Field name -> default, for the CLI."""
-        return {f.name: f.default for f in fields(cls)}
