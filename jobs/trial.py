@@ -203,15 +203,14 @@ def train_trial(config: dict[str, Any], data: dict[str, Any] | None = None) -> N
 
     workdir = make_workdir()
     checkpoint = tune.get_checkpoint()
+    # A restarted trial (its process was killed) goes on from its last epoch.
+    restored = Path(checkpoint.to_directory(str(workdir / "restored"))) if checkpoint else None
     loop = EpochLoop(
         lambda: build_model(model_config, stats=stats),
         arrays,
         _training_config(trial),
         workdir / "current",
-        # A restarted trial (its process was killed) goes on from its last epoch.
-        resume_from=Path(checkpoint.to_directory(str(workdir / "restored")))
-        if checkpoint
-        else None,
+        resume_from=restored,
         fault=fault,
     )
 
