@@ -44,6 +44,10 @@ class TrialPlan:
     model: dict[str, Any]
     training: dict[str, Any]
     phase: str = EXPLORE
+    # A final trial starts from the weights of the explored trial it continues (a Tune
+    # checkpoint's path or URI), named in `warm_start_from`.
+    warm_start: str = ""
+    warm_start_from: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "model": self.model, "training": self.training}
@@ -64,6 +68,8 @@ class PlacedTrial:
         trial = {
             **self.plan.to_dict(),
             "phase": self.plan.phase,
+            "warm_start": self.plan.warm_start,
+            "warm_start_from": self.plan.warm_start_from,
             "resources": self.placement["resources"],
             "label_selector": self.placement["label_selector"],
             "gpu_memory_limit_mb": self.placement["gpu_memory_limit_mb"],
@@ -136,7 +142,9 @@ class Planner:
             "min_estimated_mb": placement.min_estimated_bytes / (1 << 20),
         }
         keras.backend.clear_session()
-        placed_plan = TrialPlan(plan.name, plan.model, training, plan.phase)
+        placed_plan = TrialPlan(
+            plan.name, plan.model, training, plan.phase, plan.warm_start, plan.warm_start_from
+        )
         refusal = DOES_NOT_FIT if placement.status == "does_not_fit" else ""
         return PlacedTrial(placed_plan, summary, seconds, refusal, placement.reason)
 
@@ -155,6 +163,8 @@ def flat_params(placed: PlacedTrial) -> dict[str, str]:
         "estimated_epoch_seconds": f"{placed.estimated_epoch_seconds:.4g}",
         "placement": placed.placement["status"],
     }
+    if plan.warm_start_from:
+        params["warm_start_from"] = plan.warm_start_from
     for key, value in plan.training.items():
         params[key] = str(value)
     for key, value in plan.model.items():
@@ -167,7 +177,14 @@ def flat_params(placed: PlacedTrial) -> dict[str, str]:
 def placed_from_config(config: dict[str, Any]) -> PlacedTrial:
     """The placed trial a Tune trial config stands for (see `PlacedTrial.tune_config`)."""
     trial = config["trial"]
-    plan = TrialPlan(trial["name"], trial["model"], trial["training"], trial.get("phase", EXPLORE))
+    plan = TrialPlan(
+        trial["name"],
+        trial["model"],
+        trial["training"],
+        trial.get("phase", EXPLORE),
+        trial.get("warm_start", ""),
+        trial.get("warm_start_from", ""),
+    )
     return PlacedTrial(plan, trial["placement"], float(trial.get("estimated_epoch_seconds", 0.0)))
 
 

@@ -54,6 +54,8 @@ TPE_STARTUP_TRIALS = 4
 # The final trials' epochs fill this share of the time left: their time estimate is corrected
 # by what the explored trial measured, but a trial cut off by the clock loses its last epochs.
 FINAL_FILL = 0.92
+# A final slot goes to another config only within this of the best explored accuracy.
+FINAL_MAX_GAP = 0.05
 MAX_CALIBRATION_COPIES = 4
 # A coursework model trains on every row when all its epochs fit in this share of the explore
 # budget (see _anchor_fidelity).
@@ -322,10 +324,12 @@ class SpacePlanMaker:
 def final_plans(
     settings: SearchSettings, grid: Any, planner: Planner, seconds_left: float, slots: int
 ) -> list[TrialPlan]:
-    """The best explored configs, each trained on every row for as many epochs as fit in the
-    time left, on a cosine schedule that ends on the last of them.
+    """The best explored configs go on from their explored weights, on every row, for as many
+    epochs as fit in the time left, on a cosine schedule that ends on the last of them.
 
-    A config is skipped where that would not train it more than exploring did.
+    The slots go to distinct configs within FINAL_MAX_GAP of the best; a slot left over trains
+    the best config again with another shuffle seed (a second model of the best config is
+    worth more than a config ten points worse).
     """
     from jobs.space import COURSEWORK_POINTS
 
@@ -338,54 +342,67 @@ def final_plans(
             continue  # trained for the coursework comparison, not a candidate
         ranked.append((float(metrics["best_val_accuracy"]), result))
     ranked.sort(key=lambda pair: -pair[0])
-    chosen: list[TrialPlan] = []
+    wanted = min(settings.final_trials, slots)
+    picks: list[tuple[Any, int]] = []  # (explored result, copy number)
     seen: set[str] = set()
-    for _, result in ranked:
-        if len(chosen) >= min(settings.final_trials, slots):
-            break
+    for accuracy, result in ranked:
         explored = placed_from_config(result.config)
         key = json.dumps([explored.plan.model, _without_fidelity(explored.plan.training)])
-        if key in seen:
-            continue
-        seen.add(key)
-        epochs_done = int(result.metrics.get("epoch", 0))
-        measured = float(result.metrics.get("epoch_seconds", 0.0))
-        training = {
-            **explored.plan.training,
-            "train_fraction": 1.0,
-            "lr_schedule": "cosine",
-            "max_epochs": settings.max_epochs,
-        }
-        full = planner.place(TrialPlan(explored.plan.name, explored.plan.model, training, FINAL))
-        # What the explored trial measured corrects the estimate (same worker kind, same load).
-        ratio = (
-            measured / explored.estimated_epoch_seconds if explored.estimated_epoch_seconds else 1
-        )
-        per_epoch = full.estimated_epoch_seconds * min(max(ratio, 0.5), 2.0)
-        if per_epoch <= 0:
-            epochs = settings.max_epochs
-        else:
-            epochs = int((seconds_left * FINAL_FILL - SETUP_SECONDS) // per_epoch)
-        epochs = min(epochs, settings.max_epochs)
-        already = epochs_done * float(explored.plan.training.get("train_fraction", 1.0))
-        if epochs < 1 or epochs <= already:
-            log.info(
-                "final: %s not retrained (%d epoch(s) fit in %.0f s; it had %.1f full-data epochs)",
-                explored.plan.name,
-                epochs,
-                seconds_left,
-                already,
-            )
-            continue
-        chosen.append(
-            TrialPlan(
-                explored.plan.name + FINAL_SUFFIX,
-                explored.plan.model,
-                {**training, "max_epochs": epochs},
-                FINAL,
-            )
-        )
+        if len(picks) < wanted and key not in seen and accuracy >= ranked[0][0] - FINAL_MAX_GAP:
+            seen.add(key)
+            picks.append((result, 0))
+    while picks and len(picks) < wanted:
+        picks.append((picks[0][0], len(picks)))
+    chosen = []
+    for result, copy in picks:
+        plan = _final_plan(settings, result, copy, planner, seconds_left)
+        if plan is not None:
+            chosen.append(plan)
     return chosen
+
+
+def _final_plan(
+    settings: SearchSettings, result: Any, copy: int, planner: Planner, seconds_left: float
+) -> TrialPlan | None:
+    explored = placed_from_config(result.config)
+    measured = float(result.metrics.get("epoch_seconds", 0.0))
+    training = {
+        **explored.plan.training,
+        "train_fraction": 1.0,
+        "lr_schedule": "cosine",
+        "max_epochs": settings.max_epochs,
+        "seed": int(explored.plan.training["seed"]) + copy,
+    }
+    full = planner.place(TrialPlan(explored.plan.name, explored.plan.model, training, FINAL))
+    # What the explored trial measured corrects the estimate (same worker kind, same load).
+    estimated = explored.estimated_epoch_seconds
+    ratio = measured / estimated if estimated > 0 and measured > 0 else 1.0
+    per_epoch = full.estimated_epoch_seconds * min(max(ratio, 0.5), 2.0)
+    epochs = settings.max_epochs
+    if per_epoch > 0:
+        epochs = min(epochs, int((seconds_left * FINAL_FILL - SETUP_SECONDS) // per_epoch))
+    if epochs < 1:
+        log.info("final: no epoch of %s fits in %.0f s", explored.plan.name, seconds_left)
+        return None
+    name = explored.plan.name + FINAL_SUFFIX + (f"-{copy + 1}" if copy else "")
+    warm = _checkpoint_uri(result.checkpoint)
+    return TrialPlan(
+        name,
+        explored.plan.model,
+        {**training, "max_epochs": epochs},
+        FINAL,
+        warm,
+        explored.plan.name,
+    )
+
+
+def _checkpoint_uri(checkpoint: Any) -> str:
+    """Where a Tune checkpoint lives, as a path or URI a trial can open ("" if none)."""
+    if checkpoint is None:
+        return ""
+    filesystem = getattr(checkpoint, "filesystem", None)
+    kind = getattr(filesystem, "type_name", "local") if filesystem is not None else "local"
+    return checkpoint.path if kind == "local" else f"{kind}://{checkpoint.path}"
 
 
 def _without_fidelity(training: dict[str, Any]) -> dict[str, Any]:

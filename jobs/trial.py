@@ -162,6 +162,19 @@ def plan_of(config: dict[str, Any]) -> dict[str, Any]:
     return config["trial"]
 
 
+def warm_start_file(location: str, directory: Path) -> Path | None:
+    """The best-epoch model file of the Tune checkpoint at `location` (None without one)."""
+    if not location:
+        return None
+    from ray import tune
+
+    from jobs.training import BEST_MODEL, LAST_MODEL
+
+    local = Path(tune.Checkpoint(location).to_directory(str(directory)))
+    best = local / BEST_MODEL
+    return best if best.exists() else local / LAST_MODEL
+
+
 def train_trial(config: dict[str, Any], data: dict[str, Any] | None = None) -> None:
     """Tune trainable: trains the placed trial `plan_of(config)` (see jobs/proposals.py)."""
     from ray import tune
@@ -205,8 +218,16 @@ def train_trial(config: dict[str, Any], data: dict[str, Any] | None = None) -> N
     checkpoint = tune.get_checkpoint()
     # A restarted trial (its process was killed) goes on from its last epoch.
     restored = Path(checkpoint.to_directory(str(workdir / "restored"))) if checkpoint else None
+    warm = warm_start_file(trial.get("warm_start", ""), workdir / "warm")
+
+    def build() -> Any:
+        model = build_model(model_config, stats=stats)
+        if warm is not None:
+            model.load_weights(warm)  # the explored trial's best epoch; a fresh optimizer
+        return model
+
     loop = EpochLoop(
-        lambda: build_model(model_config, stats=stats),
+        build,
         arrays,
         _training_config(trial),
         workdir / "current",

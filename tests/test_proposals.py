@@ -198,11 +198,12 @@ def test_the_proposal_clock_carries_what_was_spent_across_a_restore() -> None:
 
 
 def _explored(name: str, accuracy: float, width: int, planner: Planner) -> Any:
-    """A trial explored on a quarter of the rows: 6 epochs of 2 s each."""
+    """A trial explored on a quarter of the rows: 6 epochs of 2 s each, checkpointed."""
     plan = SpacePlanMaker(30, 0, 0.25)(_point("dnn", **{"dnn.width": width}), name)
     placed = planner.place(plan)
     metrics = {"best_val_accuracy": accuracy, "epoch": 6, "epoch_seconds": 2.0}
-    return SimpleNamespace(config=placed.tune_config(), metrics=metrics)
+    checkpoint = SimpleNamespace(path=f"/tune/{name}/checkpoint_000005", filesystem=None)
+    return SimpleNamespace(config=placed.tune_config(), metrics=metrics, checkpoint=checkpoint)
 
 
 def test_final_plans_train_the_best_configs_to_the_end_of_the_time_left() -> None:
@@ -223,6 +224,9 @@ def test_final_plans_train_the_best_configs_to_the_end_of_the_time_left() -> Non
     for plan in plans:
         base = explored[plan.name.removesuffix("-final")]
         assert plan.phase == "final" and plan.model == base["model"]
+        # It goes on from the explored trial's weights.
+        assert plan.warm_start_from == base["name"]
+        assert plan.warm_start == f"/tune/{base['name']}/checkpoint_000005"
         assert plan.training["train_fraction"] == 1.0
         assert plan.training["lr_schedule"] == "cosine"
         # The explored trial took 2 s an epoch on a quarter of the rows, against its estimate:
@@ -233,6 +237,32 @@ def test_final_plans_train_the_best_configs_to_the_end_of_the_time_left() -> Non
     # One slot: only the best; no time for an epoch: none.
     assert [p.name for p in final_plans(settings, grid, planner, 600.0, slots=1)] == ["dnn-b-final"]
     assert final_plans(settings, grid, planner, seconds_left=1.0, slots=2) == []
+    # The runner-up ten points behind: the second slot trains the best again, reseeded.
+    far = [g for g in grid if g.config["plan"] in ("dnn-b", "dnn-c")]
+    twice = final_plans(settings, far, planner, seconds_left=600.0, slots=2)
+    assert [p.name for p in twice] == ["dnn-b-final", "dnn-b-final-2"]
+    assert twice[1].training["seed"] == twice[0].training["seed"] + 1
+    assert twice[1].model == twice[0].model
+
+
+def test_a_final_trial_starts_from_the_explored_weights(tmp_path: Path) -> None:
+    import keras
+    import numpy as np
+
+    from jobs.trial import warm_start_file
+    from model.configs import DNNConfig, build_model
+
+    config = DNNConfig(hidden_units=(16,), normalization="rescale")
+    explored = build_model(config)
+    checkpoint = tmp_path / "checkpoint_000005"
+    checkpoint.mkdir()
+    explored.save(checkpoint / "best.keras")
+    fresh = build_model(config)
+    fresh.load_weights(warm_start_file(str(checkpoint), tmp_path / "warm"))
+    for a, b in zip(fresh.get_weights(), explored.get_weights(), strict=True):
+        assert np.array_equal(a, b)
+    assert warm_start_file("", tmp_path / "none") is None
+    keras.backend.clear_session()
 
 
 def test_settings_refuse_shares_outside_their_range() -> None:
