@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.mark.timeout(600)
 def test_mlflow_models_serve_answers_a_request_of_raw_pixels(tmp_path: Path) -> None:
     import keras
+    import mlflow
     from mlflow.tracking import MlflowClient
 
     from jobs.parent import register_champion
@@ -29,6 +30,7 @@ def test_mlflow_models_serve_answers_a_request_of_raw_pixels(tmp_path: Path) -> 
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     os.environ["MLFLOW_TRACKING_URI"] = uri
+    mlflow.set_tracking_uri(uri)  # the module global wins over the variable: an earlier test's
     try:
         client = MlflowClient(uri)
         experiment = client.create_experiment("serve", (tmp_path / "artifacts").as_uri())
@@ -41,6 +43,7 @@ def test_mlflow_models_serve_answers_a_request_of_raw_pixels(tmp_path: Path) -> 
         keras.backend.clear_session()
     finally:
         os.environ.pop("MLFLOW_TRACKING_URI", None)
+        mlflow.set_tracking_uri(None)
 
     port = free_port()
     bin_dir = str(Path(sys.executable).parent)
