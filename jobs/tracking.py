@@ -464,6 +464,8 @@ class MLflowTrialLogger(tune.Callback):
             training["micro_batch_size"] = int(
                 last_result.get("micro_batch_size", training["micro_batch_size"])
             )
+            # The policy the trial resolved ("auto" became mixed_bfloat16, float32, ...).
+            training["precision"] = last_result.get("precision", training.get("precision"))
         run_config = run_config_json(
             placed.plan.to_dict(), placed.placement, self.data_info, training
         )

@@ -166,6 +166,9 @@ def test_search_refuses_what_fits_no_worker_and_tracks_the_rest(
         # The start-up span is logged once, with the first epoch (the trial never restarted).
         setup = tracking.get_metric_history(run.info.run_id, "setup_seconds")
         assert [m.step for m in setup] == [1] and setup[0].value > 0
+        # The precision the trial resolved and applied ("auto" is float32 on a CPU).
+        assert run.data.params["precision"] == "auto"
+        assert run.data.tags["fer.precision"] == "float32"
         files = {f.path for f in tracking.list_artifacts(run.info.run_id, layout.MODEL_DIR)}
         assert {"model/model.keras", "model/model.sha256", "model/config.json"} <= files
     families = {run.data.tags[layout.TAG_FAMILY] for run in trained}
