@@ -645,7 +645,7 @@ def _fit(
                 verbose=1,
             ),
         )
-    with _trials_in_plan_order():
+    with _trials_in_plan_order(max(1, min(num_samples, _slots(settings.cpus_per_trial)))):
         grid = tuner.fit()
     sweep_workdirs()  # the local trials Tune stopped (their processes are gone)
     _reconcile(grid, logger)
@@ -654,19 +654,21 @@ def _fit(
 
 
 @contextlib.contextmanager
-def _trials_in_plan_order() -> Any:
-    """On a local Ray, start trials strictly in plan order (cheap fixed points first).
+def _trials_in_plan_order(cluster_pending: int) -> Any:
+    """How many trials may wait for resources at once (Tune's TUNE_MAX_PENDING_TRIALS_PG).
 
-    Tune asks Ray for an actor for every pending trial at once and starts whichever request
-    Ray grants first: in the 60-minute benchmark a 4.9 M-parameter CNN (one epoch in 40 min)
-    took the free core before SEED2017. With one pending trial at a time the order holds.
-    A cluster (RAY_ADDRESS) keeps Tune's default, since the autoscaler sizes itself on the
-    pending requests; a value the user set is kept too.
+    On a local Ray, one: trials start strictly in plan order (cheap fixed points first). Tune
+    asks Ray for an actor for every pending trial at once and starts whichever request Ray
+    grants first: in the 60-minute benchmark a 4.9 M-parameter CNN (one epoch in 40 min)
+    took the free core before SEED2017. On a cluster (RAY_ADDRESS), `cluster_pending` (its
+    trial slots): the autoscaler sizes itself on the pending requests, and Tune's own default
+    with a searcher is one, which would start a cluster's trials one by one. A value the user
+    set is kept.
     """
-    if os.environ.get("RAY_ADDRESS") or PENDING_TRIALS_ENV in os.environ:
+    if PENDING_TRIALS_ENV in os.environ:
         yield
         return
-    os.environ[PENDING_TRIALS_ENV] = "1"
+    os.environ[PENDING_TRIALS_ENV] = str(cluster_pending if os.environ.get("RAY_ADDRESS") else 1)
     try:
         yield
     finally:

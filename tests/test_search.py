@@ -275,22 +275,24 @@ def test_pending_trials_are_capped_only_for_a_local_search(
 ) -> None:
     """Tune requests an actor for every pending trial and Ray grants them in no set order; one
     pending trial at a time keeps the plan order locally. A cluster (its autoscaler scales on
-    pending requests) and a value the user set are left alone."""
+    pending requests) gets its slots' worth (Tune's default with a searcher is one), and a
+    value the user set is left alone."""
     from jobs.search import PENDING_TRIALS_ENV, _trials_in_plan_order
 
     monkeypatch.delenv(PENDING_TRIALS_ENV, raising=False)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    with _trials_in_plan_order():
+    with _trials_in_plan_order(cluster_pending=6):
         assert os.environ[PENDING_TRIALS_ENV] == "1"
     assert PENDING_TRIALS_ENV not in os.environ
 
     monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")
-    with _trials_in_plan_order():
-        assert PENDING_TRIALS_ENV not in os.environ
+    with _trials_in_plan_order(cluster_pending=6):
+        assert os.environ[PENDING_TRIALS_ENV] == "6"
+    assert PENDING_TRIALS_ENV not in os.environ
 
     monkeypatch.delenv("RAY_ADDRESS")
     monkeypatch.setenv(PENDING_TRIALS_ENV, "8")
-    with _trials_in_plan_order():
+    with _trials_in_plan_order(cluster_pending=6):
         assert os.environ[PENDING_TRIALS_ENV] == "8"
     assert os.environ[PENDING_TRIALS_ENV] == "8"
 
