@@ -57,9 +57,6 @@ FINAL_FILL = 0.92
 # A final slot goes to another config only within this of the best explored accuracy.
 FINAL_MAX_GAP = 0.05
 MAX_CALIBRATION_COPIES = 4
-# A coursework model trains on every row when all its epochs fit in this share of the explore
-# budget (see _anchor_fidelity).
-ANCHOR_FULL_DATA_SHARE = 0.3
 
 __all__ = ["SearchResult", "init_ray", "plan_trials", "prepare_arrays", "run_search"]
 
@@ -255,7 +252,7 @@ def _explore_searcher(
     queue: list[TrialPlan | None] = []
     for plan in _plans(fixed, settings.explore_fraction, settings.precision):
         # The known-good CNN is a point of the space: the model-based searcher runs it first.
-        queue.append(None if plan.name == "cnn-fast" else _anchor_fidelity(plan, planner, budget_s))
+        queue.append(None if plan.name == "cnn-fast" else plan)
     searched = adaptive_families(families)
     points = [fast_cnn_point(searched)] if "cnn" in searched else []
     inner = OptunaSearch(
@@ -277,19 +274,6 @@ def _explore_searcher(
         ),
         **common,
     )
-
-
-def _anchor_fidelity(plan: TrialPlan, planner: Planner, budget_s: float) -> TrialPlan:
-    """A coursework model trains on every row where all its epochs take little of the budget.
-
-    The param-matched DNN is the coursework's comparison for the CNN: on a quarter of the rows
-    it reached 0.420 where every row gave 0.490 (2026-12-03 and 2026-11-30 budget searches),
-    at about 15 s an epoch on a laptop core. SEED2017 (minutes an epoch) keeps the lower
-    fidelity and, where the budget starves it, says so (`fer.coursework_note`).
-    """
-    full = TrialPlan(plan.name, plan.model, {**plan.training, "train_fraction": 1.0}, plan.phase)
-    seconds = planner.place(full).estimated_epoch_seconds * int(plan.training["max_epochs"])
-    return full if 0 < seconds <= ANCHOR_FULL_DATA_SHARE * budget_s else plan
 
 
 def grace_epochs(settings: SearchSettings, train_fraction: float) -> int:
