@@ -156,20 +156,28 @@ def place(
                 f"micro-batch {micro} x {batch_size // micro} accumulation steps",
                 label_selector=selector,
             )
-    smallest = estimate_training_memory(
-        model,
-        micro,
-        optimizer=optimizer,
-        accumulation_steps=batch_size // micro,
-        compute_dtype=compute_dtype,
-    )
+    smallest = estimated
+    if micro < batch_size:
+        # With accumulation a micro-batch keeps one more copy of the weights: for a model whose
+        # weights outweigh its activations (a DNN), the smallest micro-batch needs more.
+        smallest = min(
+            estimated,
+            estimate_training_memory(
+                model,
+                micro,
+                optimizer=optimizer,
+                accumulation_steps=batch_size // micro,
+                compute_dtype=compute_dtype,
+            ),
+        )
     return Placement(
         "does_not_fit",
         estimated,
         micro,
         reason=(
-            f"needs {estimated / MIB:.0f} MiB at batch {batch_size} and "
-            f"{smallest / MIB:.0f} MiB at micro-batch {micro}; largest worker: {budget.describe()}"
+            f"needs {estimated / MIB:.0f} MiB at batch {batch_size} and at least "
+            f"{smallest / MIB:.0f} MiB at any micro-batch down to {micro}; largest worker: "
+            f"{budget.describe()}"
         ),
         min_estimated_bytes=smallest,
     )
