@@ -632,6 +632,10 @@ def _fit(
     with _trials_in_plan_order(max(1, min(num_samples, _slots(settings.cpus_per_trial)))):
         grid = tuner.fit()
     sweep_workdirs()  # the local trials Tune stopped (their processes are gone)
+    if restore:
+        # Tune ran the callback restored from its experiment state, not `logger`: attach this
+        # one to the child runs that one made, or closing them here would make new ones.
+        logger.setup()
     _reconcile(grid, logger)
     logger.queue.drain(TRACKING_DRAIN_S)
     return grid
