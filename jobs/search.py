@@ -37,6 +37,7 @@ from jobs.proposals import (
     placed_from_config,
 )
 from jobs.settings import DATA_HELP, SearchSettings, add_arguments, from_namespace
+from schema import run as layout
 
 log = logging.getLogger("jobs.search")
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -637,6 +638,8 @@ def _fit(
         # one to the child runs that one made, or closing them here would make new ones.
         logger.setup()
     _reconcile(grid, logger)
+    if restore:
+        _remove_orphans(grid, logger)
     logger.queue.drain(TRACKING_DRAIN_S)
     return grid
 
@@ -661,6 +664,27 @@ def _trials_in_plan_order(cluster_pending: int) -> Any:
         yield
     finally:
         os.environ.pop(PENDING_TRIALS_ENV, None)
+
+
+def _remove_orphans(grid: Any, logger: Any) -> None:
+    """Child runs of trials the restored experiment never knew: a trial proposed and started
+    after Tune's last snapshot before the driver died. The resumed searcher proposed it again,
+    and its new run holds the work; the orphan is closed, tagged and (soft) deleted."""
+    known = {(result.metrics or {}).get("trial_id") for result in grid}
+    for trial_id, run_id in logger.run_ids.items():
+        if trial_id in known:
+            continue
+        try:
+            if logger.client.get_run(run_id).info.status != "RUNNING":
+                continue
+            logger.client.set_tag(run_id, layout.TAG_STATUS, "superseded")
+            logger.client.set_terminated(run_id, "KILLED")
+            logger.client.delete_run(run_id)
+            log.warning(
+                "resume: closed child run %s of trial %s, unknown to Tune", run_id, trial_id
+            )
+        except Exception as error:  # a failed clean-up must not fail a finished search
+            log.warning("resume: could not close orphan child run %s: %s", run_id, error)
 
 
 def _reconcile(grid: Any, logger: Any) -> None:
