@@ -6,14 +6,13 @@ import json
 import os
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import free_port
+from conftest import free_port, wait_for_http
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -66,15 +65,7 @@ def test_mlflow_models_serve_answers_a_request_of_raw_pixels(tmp_path: Path) -> 
     with open(log, "w") as out:
         server = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 240
-        while True:
-            assert server.poll() is None, log.read_text()[-3000:]
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=5):
-                    break
-            except OSError:
-                assert time.monotonic() < deadline, log.read_text()[-3000:]
-                time.sleep(1)
+        wait_for_http(f"http://127.0.0.1:{port}/ping", server, log, 240)
         request = urllib.request.Request(
             f"http://127.0.0.1:{port}/invocations",
             data=json.dumps({"inputs": images.tolist()}).encode(),

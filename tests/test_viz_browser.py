@@ -84,12 +84,10 @@ def test_mlflow_ui_shows_the_search_parent_and_its_children(
     """The MLflow UI on loopback over a finished search: its runs page lists the parent, and
     expanding it lists the trials (headless Chromium driven by Playwright; a screenshot)."""
     import sys
-    import time
-    import urllib.request
 
     from playwright.sync_api import sync_playwright
 
-    from conftest import free_port
+    from conftest import free_port, wait_for_http
 
     search = h.shared_search(tmp_path_factory)
     port = free_port()
@@ -100,15 +98,7 @@ def test_mlflow_ui_shows_the_search_parent_and_its_children(
     with open(log, "w") as out:
         server = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert server.poll() is None, log.read_text()[-3000:]
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5):
-                    break
-            except OSError:
-                assert time.monotonic() < deadline, log.read_text()[-3000:]
-                time.sleep(1)
+        wait_for_http(f"http://127.0.0.1:{port}/health", server, log, 120)
         with sync_playwright() as playwright:
             browser = playwright.chromium.launch(
                 executable_path=str(CHROMIUM), args=["--no-sandbox", "--disable-gpu"]
