@@ -31,13 +31,15 @@ def main(argv: list[str] | None = None) -> int:
             "parent_run_id": result.parent_run_id,
             "best_run_id": result.best_run_id,
             "best_val_accuracy": result.best_val_accuracy,
+            "champion_run_id": result.champion_run_id,
             "wall_seconds": round(result.wall_seconds, 1),
         }
-        if result.best_run_id and not args.skip_viz:
+        champion = result.champion_run_id or result.best_run_id
+        if champion and not args.skip_viz:
             from viz.main import run_viz
             from viz.settings import VizSettings
 
-            summary["viz"] = run_viz(VizSettings(run_id=result.best_run_id, data=settings.data))
+            summary["viz"] = run_viz(VizSettings(run_id=champion, data=settings.data))
         print(json.dumps(summary, indent=2, default=str))
         return 0 if result.best_run_id else 1
 

@@ -44,8 +44,11 @@ def summarise(tracking_uri: str, experiment: str) -> dict[str, Any]:
     children = client.search_runs(
         [found.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
     )
+    ensembles = [r for r in children if r.data.tags.get("fer.role") == "ensemble"]
     trials = []
     for run in children:
+        if run.data.tags.get("fer.role") == "ensemble":
+            continue
         speed = [m.value for m in client.get_metric_history(run.info.run_id, "images_per_second")]
         trials.append(
             {
@@ -88,6 +91,30 @@ def summarise(tracking_uri: str, experiment: str) -> dict[str, Any]:
         # before that tag existed have none).
         "budget_trials_stopped_early": sum(t["status"] == "early_stopped" for t in trials),
         "budget_trials_stopped_by_scheduler": sum(t["stop_reason"] == "scheduler" for t in trials),
+        **_ensemble(ensembles, parent.data.tags),
+    }
+
+
+def _ensemble(runs: list[Any], parent_tags: dict[str, str]) -> dict[str, Any]:
+    """The search's ensemble: its gain over the best single model on the report half."""
+    if not runs:
+        return {}
+    metrics, params = runs[0].data.metrics, runs[0].data.params
+    return {
+        # Ensemble + flip minus the best single model, report half of PublicTest, in points.
+        "ensemble_gain_points": metrics.get("ensemble_gain_points"),
+        "ensemble_report": {
+            key: metrics.get(f"report_{key}_accuracy")
+            for key in ("best_single", "best_single_flip", "ensemble", "ensemble_flip")
+        },
+        "ensemble_members": params.get("members", ""),
+        "ensemble_weights": params.get("weights", ""),
+        "ensemble_flip": params.get("flip", ""),
+        "ensemble_best_single": params.get("best_single", ""),
+        "ensemble_report_rows": params.get("report_rows", ""),
+        "ensemble_predict_ms_per_image": metrics.get("predict_ms_per_image"),
+        "ensemble_champion": parent_tags.get("fer.champion", ""),
+        "ensemble_champion_reason": parent_tags.get("fer.champion_reason", ""),
     }
 
 

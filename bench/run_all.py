@@ -42,9 +42,20 @@ GOALS: dict[str, tuple[str, float, str]] = {
         0.25,
         "epoch time estimated before launch vs measured, that search",
     ),
+    "ensemble_gain_points": (
+        ">=",
+        1.5,
+        "that search's ensemble + flip minus its best single model, report half, points",
+    ),
 }
 # The budget search's keys, stored apart (budget_search.json) with its date and commit.
-BUDGET_KEYS = ("budget", "dnn_", "epoch_time_estimate", "reference_images_per_second")
+BUDGET_KEYS = (
+    "budget",
+    "dnn_",
+    "epoch_time_estimate",
+    "reference_images_per_second",
+    "ensemble",
+)
 
 
 def machine() -> str:
@@ -245,6 +256,18 @@ def details(results: dict[str, Any]) -> str:
             f"wall; the machine: reference CNN "
             f"{_fmt(results.get('reference_images_per_second'))} images/s, plain Keras, one "
             f"thread, measured by the same run): {trials}."
+        )
+    if results.get("ensemble_report"):
+        table = results["ensemble_report"]
+        lines.append(
+            f"- ensemble of that search: members {results.get('ensemble_members')} (weights "
+            f"{results.get('ensemble_weights')}, flip {results.get('ensemble_flip')}); on the "
+            f"report half ({results.get('ensemble_report_rows')} PublicTest rows, not used to "
+            f"choose): best single ({results.get('ensemble_best_single')}) "
+            f"{_fmt(table.get('best_single'))}, + flip {_fmt(table.get('best_single_flip'))}, "
+            f"ensemble {_fmt(table.get('ensemble'))}, + flip {_fmt(table.get('ensemble_flip'))}; "
+            f"{_fmt(results.get('ensemble_predict_ms_per_image'))} ms per image; champion: "
+            f"{results.get('ensemble_champion')}."
         )
     rows = results.get("memory_estimate_rows")
     if rows:

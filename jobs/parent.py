@@ -27,6 +27,7 @@ TAG_SEARCH_NAME = layout.TAG_SEARCH_NAME
 TAG_TUNE_PATH = layout.TAG_TUNE_PATH
 TAG_MODEL_URI = layout.TAG_MODEL_URI
 REFUSED_STATUSES = ("does_not_fit", "over_budget")
+ROLE_TRIAL = "trial"
 # Full-data epochs below which a coursework model's accuracy is not the model's but the
 # budget's (SEED2017 is still near chance after 2; published runs train it for 30+).
 COURSEWORK_MIN_EPOCHS = 10
@@ -38,6 +39,8 @@ class SearchResult:
     best_run_id: str | None
     best_val_accuracy: float | None
     tune_path: str
+    champion_run_id: str | None = None  # the ensemble's run when it is champion, else best
+    ensemble_note: str = ""  # why the search has no ensemble, when building it failed
     trials: list[dict[str, Any]] = field(default_factory=list)
     refused: list[str] = field(default_factory=list)
     wall_seconds: float = 0.0
@@ -188,13 +191,16 @@ def _trials_csv(rows: list[dict[str, Any]]) -> str:
     return buffer.getvalue()
 
 
-def children(client: Any, parent_id: str) -> list[Any]:
+def children(client: Any, parent_id: str, role: str = ROLE_TRIAL) -> list[Any]:
+    """The parent's child runs of one role: its trials (refused ones too), or its ensemble."""
     from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
     experiment = client.get_run(parent_id).info.experiment_id
     return client.search_runs(
         [experiment],
-        filter_string=f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent_id}'",
+        filter_string=(
+            f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent_id}' and tags.`{layout.TAG_ROLE}` = '{role}'"
+        ),
         max_results=5000,
     )
 
@@ -262,9 +268,14 @@ def budget_report(client: Any, runs: list[Any], settings: SearchSettings) -> dic
 
 
 def finalise(
-    client: Any, parent_id: str, settings: SearchSettings, result: SearchResult
+    client: Any,
+    parent_id: str,
+    settings: SearchSettings,
+    result: SearchResult,
+    ensemble: Any | None = None,
 ) -> dict[str, Any]:
-    """trials.csv, budget.json, best run tags and metrics, and the champion registration."""
+    """trials.csv, budget.json, best run tags and metrics, and the champion registration
+    (`ensemble`, a `jobs.ensemble.EnsembleOutcome`, when the search built one)."""
     from mlflow.entities import Metric, Param
 
     runs = children(client, parent_id)
@@ -341,8 +352,37 @@ def finalise(
                 parent_id, f"best_{family}_val_accuracy", top.data.metrics["best_val_accuracy"]
             )
             client.set_tag(parent_id, f"best_{family}_run_id", top.info.run_id)
+    champion_uri, result.champion_run_id = best.data.tags[TAG_MODEL_URI], best.info.run_id
+    kind = "single"
+    reason = " ".join(
+        part
+        for part in (f"{best.info.run_name} has the best val_accuracy.", result.ensemble_note)
+        if part
+    )
+    if ensemble is not None:
+        table = ensemble.choice.table
+        client.log_batch(
+            parent_id,
+            metrics=[
+                Metric("ensemble_gain_points", table.gain_points, now, 0),
+                Metric("report_best_single_accuracy", table.best_single, now, 0),
+                Metric("report_ensemble_flip_accuracy", table.ensemble_flip, now, 0),
+            ],
+        )
+        reason = ensemble.reason()
+        if ensemble.beats_best_single:
+            kind, champion_uri = "ensemble", ensemble.model_uri
+            result.champion_run_id = ensemble.run_id
+    client.log_batch(
+        parent_id,
+        tags=[
+            _tag(layout.TAG_CHAMPION, kind),
+            _tag(layout.TAG_CHAMPION_REASON, reason),
+            _tag(layout.TAG_CHAMPION_RUN, result.champion_run_id),
+        ],
+    )
     if settings.register:
-        register_champion(client, best.data.tags[TAG_MODEL_URI], best.info.run_id)
+        register_champion(client, champion_uri, result.champion_run_id)
     return report
 
 

@@ -25,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from jobs import parent as parent_run
+from jobs.ensemble import EnsembleOutcome
+from jobs.ensemble import build_and_log as build_ensemble
 from jobs.parent import SearchResult
 from jobs.proposals import (
     FINAL,
@@ -509,7 +511,10 @@ def run_search(
                 resumed,
                 (tracking_uri, experiment_id, parent_id),
             )
-        parent_run.finalise(client, parent_id, settings, result)
+        outcome = _ensemble(
+            client, experiment_id, parent_id, arrays, data_info, settings.seed, result
+        )
+        parent_run.finalise(client, parent_id, settings, result, outcome)
         client.set_terminated(parent_id, "FINISHED")
     except BaseException:
         try:
@@ -519,6 +524,34 @@ def run_search(
         raise
     result.wall_seconds = time.time() - started
     return result
+
+
+def _ensemble(
+    client: Any,
+    experiment_id: str,
+    parent_id: str,
+    arrays: dict[str, Any],
+    data_info: dict[str, Any],
+    seed: int,
+    result: SearchResult,
+) -> EnsembleOutcome | None:
+    """The ensemble of the finished trials (jobs/ensemble.py); a failure leaves the best single
+    model champion and never fails the search."""
+    try:
+        return build_ensemble(
+            client,
+            experiment_id,
+            parent_id,
+            parent_run.children(client, parent_id),
+            arrays["x_val"],
+            arrays["y_val"],
+            data_info,
+            seed,
+        )
+    except Exception as error:
+        log.exception("ensemble: not built (%s); the champion is the best single model", error)
+        result.ensemble_note = f"no ensemble: {error}"[:2000]
+        return None
 
 
 def _final_phase(

@@ -24,6 +24,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from ray import tune
 
 from jobs.proposals import flat_params, placed_from_config
+from jobs.training import BEST_MODEL, BEST_PREDICTIONS
 from schema import run as layout
 
 log = logging.getLogger(__name__)
@@ -475,9 +476,11 @@ class MLflowTrialLogger(tune.Callback):
             tags = {layout.TAG_STATUS: tag, layout.TAG_EPOCHS_DONE: str(epochs_done), **extra_tags}
             if error:
                 tags[layout.TAG_ERROR] = error[-4000:]
-            if staged is not None and (staged / "best.keras").exists():
-                layout.log_model_files(self.client, run_id, staged / "best.keras", run_config)
-                tags[layout.TAG_MODEL_URI] = log_keras_model(run_id, staged / "best.keras")
+            if staged is not None and (staged / BEST_MODEL).exists():
+                layout.log_model_files(self.client, run_id, staged / BEST_MODEL, run_config)
+                tags[layout.TAG_MODEL_URI] = log_keras_model(run_id, staged / BEST_MODEL)
+                if (staged / BEST_PREDICTIONS).exists():
+                    layout.log_predictions(self.client, run_id, staged / BEST_PREDICTIONS)
             self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
             self.client.set_terminated(run_id, status)
 

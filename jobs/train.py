@@ -62,7 +62,7 @@ def train(settings: TrainSettings) -> dict[str, Any]:
     from jobs.resources import MIB
     from jobs.search import prepare_arrays, resolve_data
     from jobs.tracking import dataset_inputs, log_keras_model
-    from jobs.training import EpochLoop, TrainData, TrainingConfig
+    from jobs.training import BEST_MODEL, BEST_PREDICTIONS, EpochLoop, TrainData, TrainingConfig
     from model.configs import build_model, config_to_dict
     from model.memory import estimate_training_memory
     from model.precision import apply_precision, resolve_precision
@@ -159,9 +159,10 @@ def train(settings: TrainSettings) -> dict[str, Any]:
                 },
                 "param_count": int(model.count_params()),
             }
-            best = Path(workdir) / "best.keras"
+            best = Path(workdir) / BEST_MODEL
             digest = layout.log_model_files(client, run_id, best, run_config)
             model_uri = log_keras_model(run_id, best)
+            layout.log_predictions(client, run_id, Path(workdir) / BEST_PREDICTIONS)
         mlflow.set_tags({layout.TAG_STATUS: "finished", layout.TAG_MODEL_URI: model_uri})
         mlflow.log_metric("best_val_accuracy", state.best_val_accuracy)
     return {

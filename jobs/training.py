@@ -29,7 +29,12 @@ LR_SCHEDULES = ("constant", "cosine")
 MIN_MICRO_BATCH = 4
 LAST_MODEL = "model.keras"
 BEST_MODEL = "best.keras"
+# The best epoch's class probabilities on the validation rows, as they are and flipped
+# left-right: what the search's ensemble is chosen from without reloading models.
+BEST_PREDICTIONS = "best_predictions.npz"
 STATE_FILE = "state.json"
+# Keras clips probabilities to this before taking their log (keras.config.epsilon()).
+_EPSILON = 1e-7
 
 
 @dataclass
@@ -224,7 +229,7 @@ class EpochLoop:
         self.fault = fault
         # Tensors made once (not per epoch), and the validation batches per micro-batch size.
         self._tensors: tuple[Any, Any, Any, Any] | None = None
-        self._val_batches: tuple[int, Any] | None = None
+        self._val_batches: dict[str, tuple[int, Any]] = {}
         if resume_from is not None and (Path(resume_from) / STATE_FILE).exists():
             self._restore(Path(resume_from))
         else:
@@ -242,7 +247,7 @@ class EpochLoop:
         self.state = TrainState.load(checkpoint)
         self.model = keras.saving.load_model(checkpoint / LAST_MODEL, safe_mode=True)
         if checkpoint.resolve() != self.workdir.resolve():
-            for name in (LAST_MODEL, BEST_MODEL, STATE_FILE):
+            for name in (LAST_MODEL, BEST_MODEL, BEST_PREDICTIONS, STATE_FILE):
                 if (checkpoint / name).exists():
                     shutil.copy2(checkpoint / name, self.workdir / name)
         log.info("resumed from %s at epoch %d", checkpoint, self.state.epoch)
@@ -273,12 +278,8 @@ class EpochLoop:
         if old_optimizer is not None and old_optimizer.built:
             _transfer_optimizer_state(old_optimizer, self.model.optimizer, self.model)
 
-    def _batches(self, epoch: int) -> tuple[Any, Any]:
-        """This epoch's shuffled training batches and the validation batches (see
-        model/batches.py for why not `fit(x, y)`)."""
+    def _train_tensors(self) -> tuple[Any, Any, Any, Any]:
         import tensorflow as tf
-
-        from model.batches import array_batches, epoch_seed, mixup, one_hot
 
         if self._tensors is None:
             data = self.data
@@ -286,46 +287,93 @@ class EpochLoop:
                 tf.convert_to_tensor(array)
                 for array in (data.x_train, data.y_train, data.x_val, data.y_val)
             )
-        x_train, y_train, x_val, y_val = self._tensors
-        micro = self.state.micro_batch_size
-        soft = self.config.soft_labels
-        if self._val_batches is None or self._val_batches[0] != micro:
-            validation = array_batches(x_val, y_val, micro)
-            self._val_batches = (micro, one_hot(validation) if soft else validation)
+        return self._tensors
+
+    def _batches(self, epoch: int) -> Any:
+        """This epoch's shuffled training batches (see model/batches.py for why not
+        `fit(x, y)`)."""
+        from model.batches import array_batches, epoch_seed, mixup, one_hot
+
+        x_train, y_train, _, _ = self._train_tensors()
         seed = epoch_seed(self.config.seed, epoch)
-        train = array_batches(x_train, y_train, micro, shuffle_seed=seed)
-        if soft:
+        train = array_batches(x_train, y_train, self.state.micro_batch_size, shuffle_seed=seed)
+        if self.config.soft_labels:
             train = one_hot(train)
         if self.config.mixup > 0:
             train = mixup(train, self.config.mixup, seed)
-        return train, self._val_batches[1]
+        return train
 
-    def _one_epoch(self, epoch: int) -> dict[str, float]:
+    def _predict_validation(self, flipped: bool = False) -> np.ndarray:
+        """Class probabilities of every validation row (mirrored left-right when `flipped`)."""
+        import tensorflow as tf
+
+        from model.batches import array_batches
+
+        micro = self.state.micro_batch_size
+        key = "flipped" if flipped else "plain"
+        cached = self._val_batches.get(key)
+        if cached is None or cached[0] != micro:
+            x_val = self._train_tensors()[2]
+            if flipped:
+                x_val = tf.reverse(x_val, axis=[2])
+            cached = (micro, array_batches(x_val, None, micro))
+            self._val_batches[key] = cached
+        return np.asarray(self.model.predict(cached[1], verbose=0), dtype=np.float32)
+
+    def _validation_metrics(self, probabilities: np.ndarray) -> dict[str, float]:
+        """Validation loss and accuracy as Keras computes them (the training loss, with its
+        label smoothing), from predicted probabilities: the same pass keeps the predictions."""
+        labels = np.asarray(self.data.y_val, dtype=np.int64)
+        clipped = np.clip(probabilities, _EPSILON, 1.0 - _EPSILON)
+        log_p = np.log(clipped)
+        classes = probabilities.shape[1]
+        target = np.eye(classes, dtype=np.float32)[labels]
+        if self.config.soft_labels and self.config.label_smoothing > 0:
+            smoothing = self.config.label_smoothing
+            target = target * (1.0 - smoothing) + smoothing / classes
+        return {
+            "val_loss": float(np.mean(-np.sum(target * log_p, axis=1))),
+            "val_accuracy": float(np.mean(np.argmax(probabilities, axis=1) == labels)),
+        }
+
+    def _one_epoch(self, epoch: int) -> tuple[dict[str, float], np.ndarray]:
         callbacks = []
         if self.fault is not None:
             callbacks.append(self.fault.callback(epoch, self.state.micro_batch_size))
         if self.config.lr_schedule != "constant":
             self.model.optimizer.learning_rate = learning_rate_at(self.config, epoch)
         started = time.perf_counter()
-        train, validation = self._batches(epoch)
         history = self.model.fit(
-            train,
+            self._batches(epoch),
             epochs=epoch,
             initial_epoch=epoch - 1,
-            validation_data=validation,
             shuffle=False,  # the batches are shuffled already, by (seed, epoch)
             verbose=0,
             callbacks=callbacks,
         ).history
+        probabilities = self._predict_validation()
         seconds = time.perf_counter() - started
-        return {
+        metrics = {
             "loss": float(history["loss"][-1]),
             "accuracy": float(history["accuracy"][-1]),
-            "val_loss": float(history["val_loss"][-1]),
-            "val_accuracy": float(history["val_accuracy"][-1]),
+            **self._validation_metrics(probabilities),
             "epoch_seconds": seconds,
             "images_per_second": len(self.data.x_train) / seconds,
         }
+        return metrics, probabilities
+
+    def _save_best_predictions(self, probabilities: np.ndarray, epoch: int) -> None:
+        flipped = self._predict_validation(flipped=True)
+        staged = self.workdir / f".{BEST_PREDICTIONS}"
+        with open(staged, "wb") as handle:
+            np.savez(
+                handle,
+                probabilities=probabilities,
+                probabilities_flipped=flipped,
+                labels=np.asarray(self.data.y_val, dtype=np.int64),
+                epoch=np.int64(epoch),
+            )
+        staged.replace(self.workdir / BEST_PREDICTIONS)
 
     def run(self, on_epoch_end: Callable[[dict[str, Any], Path], None]) -> TrainState:
         import tensorflow as tf
@@ -333,7 +381,7 @@ class EpochLoop:
         while self.state.epoch < self.config.max_epochs:
             epoch = self.state.epoch + 1
             try:
-                metrics = self._one_epoch(epoch)
+                metrics, probabilities = self._one_epoch(epoch)
             except tf.errors.ResourceExhaustedError as error:
                 self._recover_from_oom(error)
                 continue
@@ -344,6 +392,7 @@ class EpochLoop:
                 self.state.best_epoch = epoch
                 # The same bytes as the model just saved: a file copy, not a second save.
                 shutil.copyfile(self.workdir / LAST_MODEL, self.workdir / BEST_MODEL)
+                self._save_best_predictions(probabilities, epoch)
             self.state.history.append({"epoch": epoch, **metrics})
             self.state.save(self.workdir)
             on_epoch_end(

@@ -7,12 +7,15 @@ the one place the layout is spelled.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from mlflow.tracking import MlflowClient
 
 MODEL_DIR = "model"
@@ -20,6 +23,9 @@ MODEL_FILE = "model.keras"
 SHA_FILE = "model.sha256"
 CONFIG_FILE = "config.json"
 MLFLOW_MODEL_NAME = "mlflow_model"
+# A trial's best epoch's class probabilities on the validation rows (see `Predictions`).
+PREDICTIONS_DIR = "predictions"
+PREDICTIONS_FILE = "val.npz"
 REGISTERED_MODEL = "fer2013-expression"
 CHAMPION_ALIAS = "champion"
 
@@ -52,6 +58,16 @@ TAG_CALIBRATION = "fer.calibration"
 TAG_TRIAL_ID = "ray.trial_id"
 TAG_BEST_RUN = "best_run_id"
 TAG_DATA_SHA = "fer.data_sha256"
+# The search's ensemble run (`fer.role` and `family` "ensemble"; its config.json lists
+# "members" with run_id, name, family, weight, and "flip" and "report_table"); each member's
+# accuracy on the report half is a metric under this prefix + the member's name.
+ENSEMBLE = "ensemble"
+MEMBER_REPORT_METRIC = "member_val_report_accuracy."
+# Its members' run ids, and on the parent which model is champion.
+TAG_MEMBERS = "fer.members"
+TAG_CHAMPION = "fer.champion"  # "ensemble" or "single"
+TAG_CHAMPION_REASON = "fer.champion_reason"
+TAG_CHAMPION_RUN = "fer.champion_run_id"
 # On a coursework model (SEED2017, its param-matched DNN) the budget could not train: why.
 TAG_COURSEWORK_NOTE = "fer.coursework_note"
 
@@ -93,3 +109,50 @@ def download_model_files(client: MlflowClient, run_id: str, dst: str | Path) -> 
             f"(expected {MODEL_FILE}, {SHA_FILE}, {CONFIG_FILE})"
         )
     return files
+
+
+@dataclass(frozen=True)
+class Predictions:
+    """One model's class probabilities on the validation rows, in the data's row order."""
+
+    probabilities: np.ndarray  # float32 (N, 7)
+    probabilities_flipped: np.ndarray  # the same rows mirrored left-right
+    labels: np.ndarray  # int64 (N,)
+    epoch: int
+
+    @classmethod
+    def from_npz(cls, source: str | Path | io.BytesIO, where: str) -> Predictions:
+        """Read a `.npz` written by the epoch loop (plain arrays only: never unpickles)."""
+        try:
+            with np.load(source, allow_pickle=False) as found:
+                loaded = cls(
+                    probabilities=np.asarray(found["probabilities"], np.float32),
+                    probabilities_flipped=np.asarray(found["probabilities_flipped"], np.float32),
+                    labels=np.asarray(found["labels"], np.int64),
+                    epoch=int(found["epoch"]),
+                )
+        except (KeyError, ValueError, OSError) as error:
+            raise ValueError(
+                f"{where}: expected a .npz with probabilities, probabilities_flipped, labels "
+                f"and epoch ({error})"
+            ) from error
+        rows = loaded.labels.shape[0]
+        for name in ("probabilities", "probabilities_flipped"):
+            shape = getattr(loaded, name).shape
+            if len(shape) != 2 or shape[0] != rows:
+                raise ValueError(f"{where}: {name} expected shape ({rows}, classes), got {shape}")
+        return loaded
+
+
+def log_predictions(client: MlflowClient, run_id: str, npz_file: str | Path) -> None:
+    """Log a trial's best-epoch validation predictions as `predictions/val.npz`."""
+    with tempfile.TemporaryDirectory() as tmp:
+        staged = Path(tmp) / PREDICTIONS_FILE
+        shutil.copyfile(npz_file, staged)
+        client.log_artifact(run_id, str(staged), PREDICTIONS_DIR)
+
+
+def download_predictions(client: MlflowClient, run_id: str, dst: str | Path) -> Predictions:
+    """The `predictions/val.npz` of a run."""
+    path = client.download_artifacts(run_id, f"{PREDICTIONS_DIR}/{PREDICTIONS_FILE}", str(dst))
+    return Predictions.from_npz(path, f"run {run_id}: {PREDICTIONS_DIR}/{PREDICTIONS_FILE}")

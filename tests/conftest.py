@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,41 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 # Ray and MLflow must never phone home from tests.
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def search_cmd(data: Path, storage: Path, name: str, **flags: Any) -> list[str]:
+    """`python -m jobs.search` (run from ROOT) with small defaults; `flags` override them
+    (underscored names)."""
+    args: dict[str, Any] = {
+        "families": "cnn",
+        "num_samples": 1,
+        "max_epochs": 2,
+        "grace_epochs": 2,
+        "time_budget_min": 15,
+        "register": "false",
+        "cpus_per_trial": 1,
+        # One phase on every row: the trials these tests check are exactly the planned ones.
+        "explore_fraction": 1.0,
+        "final_budget_share": 0.0,
+    }
+    args.update(flags)
+    cmd = [
+        sys.executable,
+        "-m",
+        "jobs.search",
+        "--data",
+        str(data),
+        "--storage",
+        str(storage),
+        "--name",
+        name,
+    ]
+    for key, value in args.items():
+        cmd += ["--" + key.replace("_", "-"), str(value)]
+    return cmd
 
 
 def free_port() -> int:
@@ -39,6 +75,40 @@ def wait_for_http(url: str, server: Any, log: Path, timeout_s: float) -> None:
         except OSError:
             assert time.monotonic() < deadline, log.read_text()[-3000:]
             time.sleep(1)
+
+
+def sqlite_tracking(monkeypatch: pytest.MonkeyPatch, root: Path, experiment: str) -> Any:
+    """An MlflowClient on a fresh SQLite store under `root`, made this process's tracking URI
+    (environment and mlflow's module global) with `experiment` as the experiment name."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{root}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", experiment)
+    for name in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID"):
+        monkeypatch.delenv(name, raising=False)
+    mlflow.set_tracking_uri(uri)
+    return MlflowClient(uri)
+
+
+@pytest.fixture
+def tracking(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """A SQLite tracking store of this test only; mlflow's global URI is reset afterwards
+    (it is a module global: later tests must not inherit it)."""
+    import mlflow
+
+    yield sqlite_tracking(monkeypatch, tmp_path, "search-test")
+    mlflow.set_tracking_uri(None)
+
+
+def child_runs(client: Any, parent_id: str, role: str | None = "trial") -> list[Any]:
+    """The child runs of `parent_id` (of one `fer.role`; every role with None)."""
+    experiment = client.get_run(parent_id).info.experiment_id
+    query = f"tags.`mlflow.parentRunId` = '{parent_id}'"
+    if role is not None:
+        query += f" and tags.`fer.role` = '{role}'"
+    return client.search_runs([experiment], filter_string=query, max_results=1000)
 
 
 @pytest.fixture(scope="session")

@@ -20,6 +20,7 @@ import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
+from conftest import child_runs
 from jobs.resources import (
     GPU_MEMORY_RESOURCE,
     MIB,
@@ -94,19 +95,6 @@ def card_sizes(settings: SearchSettings) -> tuple[int, int]:
     assert 2 * small_card > big_card, need
     assert probe["huge"]["min_estimated_mb"] > big_card, probe["huge"]  # fits no card
     return big_card, small_card
-
-
-@pytest.fixture
-def tracking(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[MlflowClient]:
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "multinode-test")
-    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
-    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
-    mlflow.set_tracking_uri(uri)
-    yield MlflowClient(uri)
-    # mlflow keeps the URI in a module global: later tests (test_stack) must not inherit it.
-    mlflow.set_tracking_uri(None)
 
 
 def start_cluster(big_card_mb: int, small_card_mb: int) -> tuple[Any, FakeCluster]:
@@ -254,10 +242,7 @@ def test_search_places_by_per_gpu_memory_on_a_mixed_gpu_cluster(
         mlflow.artifacts.load_text(f"runs:/{result.parent_run_id}/search/space.json")
     )
     placement = {e["plan"]["name"]: e["placement"] for e in space["plans"]}
-    children = tracking.search_runs(
-        [parent.info.experiment_id],
-        filter_string=f"tags.`mlflow.parentRunId` = '{result.parent_run_id}'",
-    )
+    children = child_runs(tracking, result.parent_run_id)
     by_name = {run.info.run_name: run for run in children}
     assert set(by_name) == {plan["name"] for plan in PLANS}
     trained = {name: run for name, run in by_name.items() if name != "huge"}

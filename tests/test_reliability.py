@@ -32,6 +32,7 @@ from typing import Any
 import pytest
 from mlflow.tracking import MlflowClient
 
+from conftest import child_runs, free_port, search_cmd, sqlite_tracking
 from jobs.tracking import EPOCH_METRICS
 from viz_helpers import dnn_plan, run_config, tiny_dnn, write_fer_csv
 
@@ -54,12 +55,6 @@ def _hermetic_environ(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None
     yield
     os.environ.clear()
     os.environ.update(saved)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def job_env(**extra: str) -> dict[str, str]:
@@ -89,37 +84,6 @@ def job_env(**extra: str) -> dict[str, str]:
         env.pop(name)  # the jobs choose their own (see jobs.tracking.quick_failing_client_env)
     env.update(extra)
     return env
-
-
-def search_cmd(data: Path, storage: Path, name: str, **flags: Any) -> list[str]:
-    """`python -m jobs.search` with small defaults; `flags` override them (underscored names)."""
-    args: dict[str, Any] = {
-        "families": "cnn",
-        "num_samples": 1,
-        "max_epochs": 2,
-        "grace_epochs": 2,
-        "time_budget_min": 15,
-        "register": "false",
-        "cpus_per_trial": 1,
-        # One phase on every row: the trials these tests check are exactly the planned ones.
-        "explore_fraction": 1.0,
-        "final_budget_share": 0.0,
-    }
-    args.update(flags)
-    cmd = [
-        sys.executable,
-        "-m",
-        "jobs.search",
-        "--data",
-        str(data),
-        "--storage",
-        str(storage),
-        "--name",
-        name,
-    ]
-    for key, value in args.items():
-        cmd += ["--" + key.replace("_", "-"), str(value)]
-    return cmd
 
 
 def stop_group(proc: subprocess.Popen, grace_s: float = 20) -> None:
@@ -175,13 +139,6 @@ def error_line(stderr: str) -> str:
     return found[0]
 
 
-def children(client: MlflowClient, parent_id: str) -> list:
-    experiment_id = client.get_run(parent_id).info.experiment_id
-    return client.search_runs(
-        [experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'"
-    )
-
-
 def steps(client: MlflowClient, run_id: str, key: str = "val_accuracy") -> list[int]:
     return sorted(m.step for m in client.get_metric_history(run_id, key))
 
@@ -191,18 +148,6 @@ def assert_complete_epochs(client: MlflowClient, run: Any, epochs: int) -> None:
     name = run.info.run_name
     for key in EPOCH_METRICS:
         assert steps(client, run.info.run_id, key) == list(range(1, epochs + 1)), (name, key)
-
-
-def sqlite_tracking(monkeypatch: pytest.MonkeyPatch, root: Path, experiment: str) -> MlflowClient:
-    import mlflow
-
-    uri = f"sqlite:///{root}/mlflow.db"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", experiment)
-    for name in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID"):
-        monkeypatch.delenv(name, raising=False)
-    mlflow.set_tracking_uri(uri)
-    return MlflowClient(uri)
 
 
 @pytest.fixture
@@ -287,7 +232,7 @@ def test_01_worker_killed_mid_trial_resumes_from_its_checkpoint(
     assert [row["pid"] for row in trial[:2]] == [killed_pid, killed_pid]
     assert trial[2]["pid"] != killed_pid
 
-    (run,) = children(client, result.parent_run_id)
+    (run,) = child_runs(client, result.parent_run_id)
     assert run.info.status == "FINISHED", run.data.tags.get("fer.error")
     assert run.data.tags["fer.trial_status"] == "finished"
     assert run.data.tags["fer.epochs_done"] == "3"
@@ -433,7 +378,7 @@ def test_03_tracking_server_down_30s_then_every_metric_arrives(
         assert returncode == 0, tail(log)
         assert "tracking store unreachable" in log.read_text(), "the outage went unnoticed"
 
-        runs = children(client, parent_id)
+        runs = child_runs(client, parent_id)
         names = {p["name"] for p in planned(SearchSettings(families="cnn", num_samples=2))}
         assert {r.info.run_name for r in runs} == names and len(runs) == 2
         during = 0
@@ -542,7 +487,7 @@ def test_04_eight_concurrent_trials_on_sqlite(tmp_path: Path) -> None:
     parent_id = re.findall(r'"parent_run_id": "([0-9a-f]{32})"', done.stdout)[-1]
 
     client = MlflowClient(uri)
-    runs = children(client, parent_id)
+    runs = child_runs(client, parent_id)
     assert len(runs) == 8, [r.info.run_name for r in runs]
     for run in runs:
         assert run.info.status == "FINISHED", (run.info.run_name, run.data.tags.get("fer.error"))
@@ -594,7 +539,7 @@ def test_05_config_larger_than_every_worker_is_refused_before_launch(
     result = run_search(settings, plans=plans)
 
     assert set(result.refused) == too_big
-    runs = {r.info.run_name: r for r in children(client, result.parent_run_id)}
+    runs = {r.info.run_name: r for r in child_runs(client, result.parent_run_id)}
     assert set(runs) == set(probe)
     for name in too_big:
         run = runs[name]
@@ -652,7 +597,7 @@ def test_06_runtime_oom_halves_the_micro_batch_and_is_recorded(
     assert [row["epoch"] for row in trial] == [1, 2, 3]
     assert [row["micro_batch_size"] for row in trial] == [batch, half, half]
     assert [row["oom_retries"] for row in trial] == [0, 1, 1]
-    (run,) = children(client, result.parent_run_id)
+    (run,) = child_runs(client, result.parent_run_id)
     assert run.info.status == "FINISHED", run.data.tags.get("fer.error")
     assert run.data.tags["fer.trial_status"] == "finished"
     assert run.data.tags["fer.micro_batch_size"] == str(half)

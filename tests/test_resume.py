@@ -5,56 +5,30 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
+from conftest import child_runs, search_cmd
 from viz_helpers import write_fer_csv
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.reliability
 
 
-def _search_command(data: Path, storage: Path, resume: bool) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "jobs.search",
-        "--data",
-        str(data),
-        "--families",
-        "cnn,dnn",
-        "--num-samples",
-        "4",
-        "--max-epochs",
-        "4",
-        "--grace-epochs",
-        "4",
-        "--storage",
-        str(storage),
-        "--name",
+def killme_command(data: Path, storage: Path, resume: bool) -> list[str]:
+    """Four trials on every row, the fixed points then the searcher's first."""
+    return search_cmd(
+        data,
+        storage,
         "killme",
-        "--resume",
-        str(resume).lower(),
-        "--register",
-        "false",
-        "--time-budget-min",
-        "15",
-        # One phase on every row: four trials, the fixed points then the searcher's first.
-        "--explore-fraction",
-        "1",
-        "--final-budget-share",
-        "0",
-    ]
-
-
-def _children(client: MlflowClient, parent_id: str) -> list:
-    parent = client.get_run(parent_id)
-    return client.search_runs(
-        [parent.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'"
+        families="cnn,dnn",
+        num_samples=4,
+        max_epochs=4,
+        grace_epochs=4,
+        resume=str(resume).lower(),
     )
 
 
@@ -72,7 +46,7 @@ def test_02_driver_killed_then_resumed(tmp_path: Path) -> None:
     log_path = tmp_path / "first.log"
     with open(log_path, "w") as log:
         driver = subprocess.Popen(
-            _search_command(data, tmp_path / "tune", False),
+            killme_command(data, tmp_path / "tune", False),
             cwd=ROOT,
             env=env,
             stdout=log,
@@ -100,7 +74,7 @@ def test_02_driver_killed_then_resumed(tmp_path: Path) -> None:
         parent_id = parents[0].info.run_id
         logged = [
             r
-            for r in _children(client, parent_id)
+            for r in child_runs(client, parent_id)
             if client.get_metric_history(r.info.run_id, "val_accuracy")
         ]
         if logged:
@@ -108,11 +82,11 @@ def test_02_driver_killed_then_resumed(tmp_path: Path) -> None:
     assert parent_id is not None, log_path.read_text()[-3000:]
     os.killpg(driver.pid, signal.SIGKILL)
     driver.wait(timeout=30)
-    before = {r.data.tags.get("ray.trial_id") for r in _children(client, parent_id)}
+    before = {r.data.tags.get("ray.trial_id") for r in child_runs(client, parent_id)}
     time.sleep(3)  # let the orphaned Ray processes notice their driver is gone
 
     second = subprocess.run(
-        _search_command(data, tmp_path / "tune", True),
+        killme_command(data, tmp_path / "tune", True),
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -121,7 +95,7 @@ def test_02_driver_killed_then_resumed(tmp_path: Path) -> None:
     )
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
 
-    children = _children(client, parent_id)
+    children = child_runs(client, parent_id)
     trial_ids = [r.data.tags.get("ray.trial_id") for r in children]
     assert len(children) == 4, [(r.info.run_name, r.info.status) for r in children]
     assert len(set(trial_ids)) == len(trial_ids), "a trial got two child runs"

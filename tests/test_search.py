@@ -8,9 +8,11 @@ import tempfile
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
+from conftest import child_runs
 from jobs.resources import GIB, MIB, WorkerBudget, budget_from_nodes, place
 from jobs.search import plan_trials, run_search
 from jobs.settings import SearchSettings
@@ -39,17 +41,6 @@ def ray_session():
     init_ray(num_cpus=2)
     yield
     ray.shutdown()
-
-
-@pytest.fixture
-def tracking(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> MlflowClient:
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "search-test")
-    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
-    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
-    mlflow.set_tracking_uri(uri)
-    return MlflowClient(uri)
 
 
 def test_budget_detection_prefers_gpu_memory() -> None:
@@ -116,10 +107,7 @@ def test_search_refuses_what_fits_no_worker_and_tracks_the_rest(
     # The UI opens the experiment on its training runs, not the GenAI overview.
     experiment = tracking.get_experiment(parent.info.experiment_id)
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
-    children = tracking.search_runs(
-        [parent.info.experiment_id],
-        filter_string=f"tags.`mlflow.parentRunId` = '{result.parent_run_id}'",
-    )
+    children = child_runs(tracking, result.parent_run_id)
     assert len(children) == 4
     assert all(run.info.status in {"FINISHED", "FAILED"} for run in children)
     by_name = {run.info.run_name: run for run in children}
@@ -171,6 +159,10 @@ def test_search_refuses_what_fits_no_worker_and_tracks_the_rest(
         assert run.data.tags["fer.precision"] == "float32"
         files = {f.path for f in tracking.list_artifacts(run.info.run_id, layout.MODEL_DIR)}
         assert {"model/model.keras", "model/model.sha256", "model/config.json"} <= files
+        # The best epoch's validation probabilities, what the ensemble is chosen from.
+        kept = layout.download_predictions(tracking, run.info.run_id, tmp_path / run.info.run_id)
+        assert kept.probabilities.shape == kept.probabilities_flipped.shape == (len(kept.labels), 7)
+        assert np.allclose(kept.probabilities.sum(axis=1), 1.0, atol=1e-4)
     families = {run.data.tags[layout.TAG_FAMILY] for run in trained}
     assert families == {"cnn", "dnn"}
     best = max(trained, key=lambda r: r.data.metrics["best_val_accuracy"])
@@ -193,8 +185,22 @@ def test_search_refuses_what_fits_no_worker_and_tracks_the_rest(
     assert memory_csv.count("\n") == 4  # header + the 3 trials that trained
     assert parent.data.metrics["memory_estimate_median_abs_err"] >= 0
 
+    # The last step: an ensemble of the trained trials, chosen on one half of the validation
+    # rows and judged on the other; the champion is whichever the parent says, with why.
+    (ensemble,) = child_runs(tracking, result.parent_run_id, role="ensemble")
+    assert ensemble.info.status == "FINISHED"
+    assert set(ensemble.data.tags[layout.TAG_MEMBERS].split(",")) <= {
+        run.info.run_id for run in trained
+    }
+    assert 0 <= ensemble.data.metrics["val_report_accuracy"] <= 1
+    kind = parent.data.tags[layout.TAG_CHAMPION]
+    assert kind in {"ensemble", "single"}, parent.data.tags
+    assert ensemble.info.run_name in parent.data.tags[layout.TAG_CHAMPION_REASON]
+    champion_run = ensemble.info.run_id if kind == "ensemble" else result.best_run_id
+    assert parent.data.tags[layout.TAG_CHAMPION_RUN] == champion_run == result.champion_run_id
+    version = tracking.get_model_version_by_alias(layout.REGISTERED_MODEL, "champion")
+    assert version.run_id == champion_run
     champion = mlflow.pyfunc.load_model(f"models:/{layout.REGISTERED_MODEL}@champion")
-    import numpy as np
 
     predictions = np.asarray(champion.predict(np.zeros((3, 48, 48, 1), dtype=np.float32)))
     assert predictions.shape == (3, 7)
@@ -261,11 +267,9 @@ def test_trials_start_in_plan_order_on_a_local_ray(
     )
     result = run_search(settings, plans=plans)
 
-    children = tracking.search_runs(
-        [tracking.get_run(result.parent_run_id).info.experiment_id],
-        filter_string=f"tags.`mlflow.parentRunId` = '{result.parent_run_id}'",
+    started = sorted(
+        child_runs(tracking, result.parent_run_id), key=lambda run: run.info.start_time
     )
-    started = sorted(children, key=lambda run: run.info.start_time)
     assert [run.info.run_name for run in started] == [plan["name"] for plan in plans]
     assert "TUNE_MAX_PENDING_TRIALS_PG" not in os.environ  # set for the search only
 

@@ -18,7 +18,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.timeout(600)
-def test_mlflow_models_serve_answers_a_request_of_raw_pixels(tmp_path: Path) -> None:
+@pytest.mark.parametrize("champion", ["single", "ensemble"])
+def test_mlflow_models_serve_answers_a_request_of_raw_pixels(champion: str, tmp_path: Path) -> None:
     import keras
     import mlflow
     from mlflow.tracking import MlflowClient
@@ -26,6 +27,7 @@ def test_mlflow_models_serve_answers_a_request_of_raw_pixels(tmp_path: Path) -> 
     from jobs.parent import register_champion
     from jobs.tracking import log_keras_model
     from model.configs import CNNConfig, build_model
+    from model.ensemble import build_ensemble
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     os.environ["MLFLOW_TRACKING_URI"] = uri
@@ -35,6 +37,10 @@ def test_mlflow_models_serve_answers_a_request_of_raw_pixels(tmp_path: Path) -> 
         experiment = client.create_experiment("serve", (tmp_path / "artifacts").as_uri())
         run_id = client.create_run(experiment).info.run_id
         model = build_model(CNNConfig(filters=(4,), dense_units=(8,)))
+        if champion == "ensemble":
+            # Two members, one with flip averaging: the search's ensemble as one Keras model.
+            other = build_model(CNNConfig(filters=(2,), dense_units=(8,)))
+            model = build_ensemble([model, other], (0.6, 0.4), flip=True)
         model.save(tmp_path / "best.keras")
         register_champion(client, log_keras_model(run_id, tmp_path / "best.keras"), run_id)
         images = np.random.default_rng(0).integers(0, 256, (2, 48, 48, 1)).astype("float32")

@@ -30,12 +30,15 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 
 from schema.run import TAG_FAMILY  # noqa: E402
 from viz import confusion, curves, filters, saliency  # noqa: E402
+from viz.champion import ensemble_facts, is_ensemble  # noqa: E402
 from viz.plotting import safe_name  # noqa: E402
 from viz.report import (  # noqa: E402
     FIGURES_DIR,
+    HELD_OUT_USAGE,
     REPORT_HTML,
     REPORT_MD,
     FilterSummary,
+    HeldOut,
     ReportFacts,
     write_reports,
 )
@@ -87,8 +90,24 @@ def run_viz(settings: VizSettings, client: MlflowClient | None = None) -> dict[s
             run_id = settings.run_id or select_run_id(client, experiment_id_from_env(client))
             loaded = load_verified_model(client, run_id, tmp / "download")
             model, config = loaded.model, loaded.config
+            # An ensemble's conv layers sit inside its members: gradient ascent is drawn for
+            # its strongest CNN member (saliency and the confusion matrix use the ensemble).
+            ensemble = ensemble_facts(loaded.run, config) if is_ensemble(config) else None
+            ascent_model = model
+            if ensemble is not None:
+                ensemble.filters_member = ensemble.strongest_cnn()
+                member = ensemble.filters_member
+                ascent_model = (
+                    load_verified_model(client, member.run_id, tmp / "member").model
+                    if member is not None
+                    else None
+                )
             try:
-                layers = filters.select_layers(model, settings.layer_names())
+                layers = (
+                    filters.select_layers(ascent_model, settings.layer_names())
+                    if ascent_model is not None
+                    else []
+                )
             except VizError as error:
                 raise VizError(f"run {run_id}: {error}") from error
             class_names = _class_names()
@@ -138,6 +157,11 @@ def run_viz(settings: VizSettings, client: MlflowClient | None = None) -> dict[s
                 f"Run {run_id[:8]} on {split.usage}",
             )
             recall = confusion.row_normalise(counts).diagonal()
+
+        held_out = None
+        if settings.split != HELD_OUT_USAGE:
+            with _stage(f"{HELD_OUT_USAGE} rows, if the data has them", timings):
+                held_out = _held_out(run_id, config, settings, model)
 
         with _stage("saliency and sanity check", timings):
             examples = saliency.pick_examples(split.labels, probs, NUM_CLASSES)
@@ -191,7 +215,9 @@ def run_viz(settings: VizSettings, client: MlflowClient | None = None) -> dict[s
         if layers:
             selection = {
                 layer: list(
-                    range(min(settings.filters_per_layer, filters.filter_count(model, layer)))
+                    range(
+                        min(settings.filters_per_layer, filters.filter_count(ascent_model, layer))
+                    )
                 )
                 for layer in layers
             }
@@ -202,7 +228,7 @@ def run_viz(settings: VizSettings, client: MlflowClient | None = None) -> dict[s
                 timings,
             ):
                 ascents = filters.maximize_layers(
-                    model,
+                    ascent_model,
                     selection,
                     steps=settings.ascent_steps,
                     learning_rate=settings.ascent_learning_rate,
@@ -224,7 +250,7 @@ def run_viz(settings: VizSettings, client: MlflowClient | None = None) -> dict[s
                         figure(f"filters:{layer}", f"filters_{name}.png"),
                         f"{layer}: images maximising each filter's mean activation{measured}",
                     )
-                    maps_k = filters.feature_maps(model, layer, chosen_image, indices)
+                    maps_k = filters.feature_maps(ascent_model, layer, chosen_image, indices)
                     filters.plot_feature_maps(
                         chosen_image,
                         maps_k,
@@ -277,6 +303,8 @@ def run_viz(settings: VizSettings, client: MlflowClient | None = None) -> dict[s
             feature_map_caption=caption,
             figures=figures,
             timings=timings,
+            ensemble=ensemble,
+            held_out=held_out,
         )
         with _stage("report", timings):
             write_reports(facts, root)
@@ -312,6 +340,21 @@ def run_viz(settings: VizSettings, client: MlflowClient | None = None) -> dict[s
         "out": out_dir,
         "timings": timings,
     }
+
+
+def _held_out(
+    run_id: str, config: dict[str, Any], settings: VizSettings, model: Any
+) -> HeldOut | None:
+    """Accuracy on the rows no search saw or chose by (the full Kaggle file's PrivateTest);
+    None when the data has none."""
+    try:
+        split = rebuild_split(run_id, config, settings.data, HELD_OUT_USAGE)
+    except VizError as error:
+        log.info("no held-out test accuracy: %s", error)
+        return None
+    probs = confusion.predict_probabilities(model, split.images, settings.predict_batch_size)
+    correct = int(np.sum(probs.argmax(axis=1) == split.labels))
+    return HeldOut(split.usage, split.size, correct / split.size)
 
 
 def _feature_map_image(

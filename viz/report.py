@@ -13,12 +13,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from viz.champion import EnsembleFacts
 from viz.confusion import ConfusedPair
 from viz.curves import FamilyRun
 
 FIGURES_DIR = "figures"
 REPORT_MD = "report.md"
 REPORT_HTML = "report.html"
+# The rows the full Kaggle file holds back: never used by the search for any choice.
+HELD_OUT_USAGE = "PrivateTest"
+
+
+@dataclass(frozen=True)
+class HeldOut:
+    usage: str
+    size: int
+    accuracy: float
 
 
 @dataclass
@@ -66,6 +76,8 @@ class ReportFacts:
     timings: dict[str, float] = field(default_factory=dict)
     # What the search said of coursework models its budget could not train (fer.coursework_note)
     coursework_notes: list[str] = field(default_factory=list)
+    ensemble: EnsembleFacts | None = None  # when the run is the search's ensemble
+    held_out: HeldOut | None = None  # accuracy on held-out test rows, where the data has them
 
 
 # ---------------------------------------------------------------- blocks
@@ -123,6 +135,7 @@ def build_blocks(facts: ReportFacts) -> list[Block]:
         ),
     ]
     blocks += _question_1(facts)
+    blocks += _ensemble(facts)
     blocks += _question_2(facts)
     blocks += _question_3(facts)
     blocks += _question_4(facts)
@@ -181,8 +194,44 @@ def _question_1(facts: ReportFacts) -> list[Block]:
                 f"be the best epoch, or the data differs."
             )
         )
+    if facts.held_out is not None:
+        held = facts.held_out
+        blocks.append(
+            Para(
+                f"Held-out test accuracy ({held.usage}, {held.size:,} images no search step "
+                f"saw or chose by): **{_pct(held.accuracy)}**."
+            )
+        )
     blocks.append(Figure(facts.figures["architecture"], "Layers, output shapes, parameters."))
     return blocks
+
+
+def _ensemble(facts: ReportFacts) -> list[Block]:
+    """The ensemble champion: members, weights, and the four accuracies on the report half."""
+    found = facts.ensemble
+    if found is None:
+        return []
+    t = found.table
+    rows = [
+        ["best single model", _pct(t.get("best_single"))],
+        ["best single model + flip", _pct(t.get("best_single_flip"))],
+        ["ensemble", _pct(t.get("ensemble"))],
+        ["ensemble + flip", _pct(t.get("ensemble_flip"))],
+    ]
+    members = ", ".join(
+        f"{m.name} (weight {m.weight:.2f}, {_pct(m.report_accuracy)})" for m in found.members
+    )
+    return [
+        Heading("Champion: an ensemble of the search's trials", 3),
+        Para(
+            f"Members: {members}"
+            + ("; each averaged with its prediction on the mirrored image." if found.flip else ".")
+            + f" Members and weights were chosen on one half of the validation rows; the "
+            f"accuracies below are on the other half ({found.report_rows:,} images), which "
+            f"took no part in the choice."
+        ),
+        Table(["model", "accuracy on the report half"], rows),
+    ]
 
 
 def _question_2(facts: ReportFacts) -> list[Block]:
@@ -249,11 +298,12 @@ def _question_3(facts: ReportFacts) -> list[Block]:
 
 
 def _question_4(facts: ReportFacts) -> list[Block]:
-    gradcam = (
-        f"Grad-CAM at the last conv layer `{facts.gradcam_layer}`"
-        if facts.gradcam_layer
-        else "Grad-CAM is skipped: a DNN has no conv layer to read"
-    )
+    if facts.gradcam_layer:
+        gradcam = f"Grad-CAM at the last conv layer `{facts.gradcam_layer}`"
+    elif facts.ensemble is not None:
+        gradcam = "Grad-CAM is skipped: the ensemble's conv layers are inside its members"
+    else:
+        gradcam = "Grad-CAM is skipped: a DNN has no conv layer to read"
     blocks: list[Block] = [
         Heading("4. What the model looks at (saliency)"),
         Para(
@@ -282,9 +332,24 @@ def _question_4(facts: ReportFacts) -> list[Block]:
 
 def _question_5(facts: ReportFacts) -> list[Block]:
     blocks: list[Block] = [Heading("5. What the filters respond to")]
+    member = facts.ensemble.filters_member if facts.ensemble is not None else None
     if not facts.filters:
-        blocks.append(Para("The model has no conv layer (DNN): no filters to visualise."))
+        blocks.append(
+            Para(
+                "No member of the ensemble has a conv layer: no filters to visualise."
+                if facts.ensemble is not None
+                else "The model has no conv layer (DNN): no filters to visualise."
+            )
+        )
         return blocks
+    if member is not None:
+        blocks.append(
+            Para(
+                f"The ensemble's filters are those of its members: drawn here for its "
+                f"strongest CNN member, {member.name} (run {member.run_id[:8]}, "
+                f"{_pct(member.report_accuracy)} on the report half)."
+            )
+        )
     blocks.append(
         Para(
             f"Gradient ascent ({facts.ascent_steps} steps, jitter, total-variation and L2 "

@@ -24,6 +24,7 @@ from schema.run import (
     MODEL_FILE,
     SHA_FILE,
     TAG_BEST_RUN,
+    TAG_CHAMPION_RUN,
     TAG_ROLE,
     download_model_files,
     sha256_file,
@@ -95,7 +96,8 @@ def experiment_id_from_env(client: MlflowClient) -> str:
 
 
 def select_run_id(client: MlflowClient, experiment_id: str) -> str:
-    """`best_run_id` of the latest search parent run, else the run with the best metric."""
+    """The champion (else `best_run_id`) of the latest search parent run, else the run with
+    the best metric."""
     try:
         return _select_run_id(client, experiment_id)
     except MlflowException as error:
@@ -113,10 +115,12 @@ def _select_run_id(client: MlflowClient, experiment_id: str) -> str:
         max_results=1,
     )
     if searches:
-        best = searches[0].data.tags.get(TAG_BEST_RUN, "").strip()
-        if best:
-            log.info("auto run: best_run_id %s of search %s", best, searches[0].info.run_id)
-            return best
+        tags = searches[0].data.tags
+        for tag in (TAG_CHAMPION_RUN, TAG_BEST_RUN):
+            found = tags.get(tag, "").strip()
+            if found:
+                log.info("auto run: %s %s of search %s", tag, found, searches[0].info.run_id)
+                return found
         log.info(
             "auto run: latest search %s has no %s tag yet; using the best %s",
             searches[0].info.run_id,
