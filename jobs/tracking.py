@@ -141,23 +141,6 @@ class TrackingQueue:
             delay = min(delay * 2, 10.0)
 
 
-def run_config_json(
-    plan: dict[str, Any],
-    placement: dict[str, Any],
-    data_info: dict[str, Any],
-    training: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """The resolved config saved next to the model (docs/ARCHITECTURE.md)."""
-    return {
-        "family": plan["model"]["family"],
-        "model": plan["model"],
-        "training": training or plan["training"],
-        "data": data_info,
-        "param_count": placement["param_count"],
-        "plan_name": plan["name"],
-    }
-
-
 def dataset_inputs(data_info: dict[str, Any]) -> list[Any]:
     """The run's training and validation data as MLflow datasets (the UI's Dataset column).
 
@@ -467,8 +450,12 @@ class MLflowTrialLogger(tune.Callback):
             )
             # The policy the trial resolved ("auto" became mixed_bfloat16, float32, ...).
             training["precision"] = last_result.get("precision", training.get("precision"))
-        run_config = run_config_json(
-            placed.plan.to_dict(), placed.placement, self.data_info, training
+        run_config = layout.run_config(
+            placed.plan.name,
+            placed.plan.model,
+            training,
+            self.data_info,
+            int(placed.placement["param_count"]),
         )
 
         def finish() -> None:

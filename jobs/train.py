@@ -142,23 +142,13 @@ def train(settings: TrainSettings) -> dict[str, Any]:
         with tempfile.TemporaryDirectory() as workdir:
             loop = EpochLoop(lambda: model, train_data, training, Path(workdir))
             state = loop.run(on_epoch_end)
-            run_config = {
-                "family": settings.family,
-                "model": config_to_dict(model_config),
-                "training": {**vars(training), "micro_batch_size": state.micro_batch_size},
-                "data": {
-                    k: data_info[k]
-                    for k in (
-                        "source",
-                        "sha256",
-                        "data_fraction",
-                        "seed",
-                        "train_usage",
-                        "val_usage",
-                    )
-                },
-                "param_count": int(model.count_params()),
-            }
+            run_config = layout.run_config(
+                settings.preset or settings.family,
+                config_to_dict(model_config),
+                {**vars(training), "micro_batch_size": state.micro_batch_size},
+                data_info,
+                model.count_params(),
+            )
             best = Path(workdir) / BEST_MODEL
             digest = layout.log_model_files(client, run_id, best, run_config)
             model_uri = log_keras_model(run_id, best)

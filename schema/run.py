@@ -72,6 +72,25 @@ TAG_CHAMPION_RUN = "fer.champion_run_id"
 TAG_COURSEWORK_NOTE = "fer.coursework_note"
 
 
+def run_config(
+    name: str,
+    model: dict[str, Any],
+    training: dict[str, Any],
+    data_info: dict[str, Any],
+    param_count: int,
+) -> dict[str, Any]:
+    """The resolved config saved next to a model as `model/config.json` (docs/ARCHITECTURE.md):
+    enough to rebuild the run from its artifacts alone."""
+    return {
+        "family": model["family"],
+        "model": model,
+        "training": training,
+        "data": data_info,
+        "param_count": int(param_count),
+        "plan_name": name,
+    }
+
+
 def sha256_file(path: str | Path) -> str:
     """Hex SHA-256 of a file, read in chunks."""
     digest = hashlib.sha256()
