@@ -59,10 +59,6 @@ TPE_STARTUP_TRIALS = 4
 FINAL_FILL = 0.92
 # A final slot goes to another config only within this of the best explored accuracy.
 FINAL_MAX_GAP = 0.05
-# ... and only if the time left trains it for at least this share of the best's epochs: in the
-# 2026-12-03 budget search a runner-up within the gap but 3x slower got 6 epochs to the best's
-# 14 and ended 14 points behind (a second model of the best config is also an ensemble member).
-FINAL_MIN_EPOCH_SHARE = 0.5
 MAX_CALIBRATION_COPIES = 4
 
 __all__ = ["SearchResult", "init_ray", "plan_trials", "prepare_arrays", "run_search"]
@@ -318,10 +314,9 @@ def final_plans(
     """The best explored configs go on from their explored weights, on every row, for as many
     epochs as fit in the time left, on a cosine schedule that ends on the last of them.
 
-    The slots go to distinct configs within FINAL_MAX_GAP of the best that the time left
-    trains for at least FINAL_MIN_EPOCH_SHARE of the best's epochs; a slot left over trains
+    The slots go to distinct configs within FINAL_MAX_GAP of the best; a slot left over trains
     the best config again with another shuffle seed (a second model of the best config is
-    worth more than a config ten points worse, and the ensemble averages the two).
+    worth more than a config ten points worse).
     """
     from jobs.space import COURSEWORK_POINTS
 
@@ -343,25 +338,13 @@ def final_plans(
         if len(picks) < wanted and key not in seen and accuracy >= ranked[0][0] - FINAL_MAX_GAP:
             seen.add(key)
             picks.append((result, 0))
-    if not picks:
-        return []
-    best = _final_plan(settings, picks[0][0], 0, planner, seconds_left)
-    if best is None:
-        return []
-    chosen, copies = [best], 1
-    for result, _ in picks[1:]:
-        plan = _final_plan(settings, result, 0, planner, seconds_left)
-        short = plan is None or (
-            plan.training["max_epochs"] < FINAL_MIN_EPOCH_SHARE * best.training["max_epochs"]
-        )
-        if not short:
+    while picks and len(picks) < wanted:
+        picks.append((picks[0][0], len(picks)))
+    chosen = []
+    for result, copy in picks:
+        plan = _final_plan(settings, result, copy, planner, seconds_left)
+        if plan is not None:
             chosen.append(plan)
-    while len(chosen) < wanted:
-        again = _final_plan(settings, picks[0][0], copies, planner, seconds_left)
-        copies += 1
-        if again is None:
-            break
-        chosen.append(again)
     return chosen
 
 
