@@ -27,7 +27,7 @@ TAG_SEARCH_NAME = layout.TAG_SEARCH_NAME
 TAG_TUNE_PATH = layout.TAG_TUNE_PATH
 TAG_MODEL_URI = layout.TAG_MODEL_URI
 REFUSED_STATUSES = ("does_not_fit", "over_budget")
-ROLE_TRIAL = "trial"
+ROLE_TRIAL = layout.ROLE_TRIAL
 # Full-data epochs below which a coursework model's accuracy is not the model's but the
 # budget's (SEED2017 is still near chance after 2; published runs train it for 30+).
 COURSEWORK_MIN_EPOCHS = 10
@@ -80,7 +80,8 @@ def find_parent(client: Any, experiment: str, name: str) -> Any | None:
     runs = client.search_runs(
         [experiment],
         filter_string=(
-            f"tags.`{layout.TAG_ROLE}` = 'search' and tags.`{TAG_SEARCH_NAME}` = '{name}'"
+            f"tags.`{layout.TAG_ROLE}` = '{layout.ROLE_SEARCH}' "
+            f"and tags.`{TAG_SEARCH_NAME}` = '{name}'"
         ),
         order_by=["attributes.start_time DESC"],
         max_results=1,
@@ -102,7 +103,7 @@ def open_parent(
     if parent is not None:
         parent_id = parent.info.run_id
         if launched_run and launched_run != parent_id:
-            client.set_tag(launched_run, layout.TAG_ROLE, "search_resume")
+            client.set_tag(launched_run, layout.TAG_ROLE, layout.ROLE_SEARCH_RESUME)
             client.set_tag(launched_run, layout.TAG_RESUMED_PARENT, parent_id)
         client.update_run(parent_id, status="RUNNING")
         return parent_id, parent.data.tags[TAG_TUNE_PATH], True
@@ -141,7 +142,7 @@ def log_parent(
     params = {f"search.{k}": str(v) for k, v in as_dict(settings).items()}
     params["data_sha256"] = data_info["sha256"]
     tags = {
-        layout.TAG_ROLE: "search",
+        layout.TAG_ROLE: layout.ROLE_SEARCH,
         TAG_SEARCH_NAME: settings.name,
         TAG_TUNE_PATH: tune_path,
         layout.TAG_DATA_SHA: data_info["sha256"],

@@ -63,7 +63,7 @@ class PlacedTrial:
     refusal: str = ""  # "", DOES_NOT_FIT or OVER_BUDGET
     reason: str = ""
 
-    def tune_config(self, fault: dict[str, Any] | None = None) -> dict[str, Any]:
+    def tune_config(self) -> dict[str, Any]:
         """What Tune's trial config holds: everything the trial and the logger need."""
         trial = {
             **self.plan.to_dict(),
@@ -76,8 +76,6 @@ class PlacedTrial:
             "placement": self.placement,
             "estimated_epoch_seconds": self.estimated_epoch_seconds,
         }
-        if fault:
-            trial["fault_injection"] = fault
         return {"plan": self.plan.name, "trial": trial}
 
 
@@ -226,7 +224,7 @@ class RefusalRecorder:
         client = self.queue.client
         tags = {
             MLFLOW_PARENT_RUN_ID: self.parent_run_id,
-            layout.TAG_ROLE: "trial",
+            layout.TAG_ROLE: layout.ROLE_TRIAL,
             layout.TAG_FAMILY: placed.plan.model["family"],
             layout.TAG_STATUS: placed.refusal,
             layout.TAG_PLAN_NAME: placed.plan.name,
@@ -283,7 +281,6 @@ class PlacingSearcher(Searcher):
         inner_names: list[str] | None = None,
         make_plan: Any = None,  # (params, name) -> TrialPlan, for the inner's proposals
         grace_epochs: int = 1,
-        faults: dict[str, dict[str, Any]] | None = None,
         metric: str = "best_val_accuracy",
         mode: str = "max",
     ) -> None:
@@ -296,7 +293,6 @@ class PlacingSearcher(Searcher):
         self.inner_names = list(inner_names or [])
         self.make_plan = make_plan
         self.grace_epochs = grace_epochs
-        self.faults = faults or {}
         self.proposed = 0  # from the inner searcher, accepted or not (names its plans)
         self.inner_ids: dict[str, str] = {}  # Tune trial id -> the inner searcher's id
         self.started: list[str] = []
@@ -344,7 +340,7 @@ class PlacingSearcher(Searcher):
                     placed.placement["estimated_mb"],
                     placed.estimated_epoch_seconds,
                 )
-                return placed.tune_config(self.faults.get(plan.name))
+                return placed.tune_config()
             log.warning(
                 "proposal %s not started (%s): %s", plan.name, placed.refusal, placed.reason
             )

@@ -132,7 +132,7 @@ def init_ray(num_cpus: int | None = None) -> None:
             "excludes": [
                 ".venv",
                 ".git",
-                "data",
+                "/data",  # the data set beside the project, not the model/data package
                 "tune_results",
                 "mlruns",
                 "*.db",
@@ -226,7 +226,6 @@ def _explore_searcher(
     recorder: RefusalRecorder,
     budget_s: float,
     plans: list[dict[str, Any]] | None,
-    fault_injection: dict | None,
 ) -> PlacingSearcher:
     """Fixed points first (the known-good CNN as the model-based searcher's first point), then
     TPE's proposals; or exactly `plans`, in order (benchmarks comparing fixed configs)."""
@@ -243,13 +242,11 @@ def _explore_searcher(
 
     clock = ProposalClock(budget_s)
     if plans is not None:
-        common = {"grace_epochs": grace_epochs(settings, 1.0), "faults": fault_injection}
         fixed_plans = _plans(plans, 1.0, settings.precision)
-        return PlacingSearcher(planner, fixed_plans, recorder, clock, **common)
-    common = {
-        "grace_epochs": grace_epochs(settings, settings.explore_fraction),
-        "faults": fault_injection,
-    }
+        return PlacingSearcher(
+            planner, fixed_plans, recorder, clock, grace_epochs=grace_epochs(settings, 1.0)
+        )
+    common = {"grace_epochs": grace_epochs(settings, settings.explore_fraction)}
     families = parse_families(settings.families)
     fixed = fixed_points(families, settings.max_epochs, settings.seed)
     queue: list[TrialPlan | None] = []
@@ -421,12 +418,10 @@ def _slots(cpus_per_trial: float) -> int:
 
 def run_search(
     settings: SearchSettings,
-    fault_injection: dict | None = None,
     plans: list[dict[str, Any]] | None = None,
 ) -> SearchResult:
     """Run (or resume) one search; returns the parent run, the best child and its accuracy.
 
-    `fault_injection` maps plan names to test hooks (see jobs/trial.py); tests only.
     `plans` replaces the adaptive search by exactly these plans, in order, with no final
     phase (benchmarks compare fixed configs).
     """
@@ -481,7 +476,7 @@ def run_search(
     result = SearchResult(parent_id, None, None, tune_path)
     try:
         recorder = RefusalRecorder(tracking_uri, experiment_id, parent_id, data_info)
-        searcher = _explore_searcher(settings, planner, recorder, explore_s, plans, fault_injection)
+        searcher = _explore_searcher(settings, planner, recorder, explore_s, plans)
         logger = MLflowTrialLogger(
             tracking_uri, experiment_id, parent_id, data_info, time_budget_s=explore_s
         )
@@ -622,6 +617,7 @@ def _fit(
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
+    from jobs.restore import CheckpointRepair
     from jobs.trial import sweep_workdirs, train_trial
 
     trainable = tune.with_resources(
@@ -657,7 +653,8 @@ def _fit(
             run_config=tune.RunConfig(
                 name=name,
                 storage_path=storage,
-                callbacks=[logger],
+                # Saved with the experiment: a restored search repairs its checkpoints too.
+                callbacks=[CheckpointRepair(), logger],
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                 failure_config=tune.FailureConfig(max_failures=settings.max_failures),
                 verbose=1,

@@ -6,10 +6,23 @@
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-from dataclasses import dataclass, fields
-from typing import Any, TypeVar
+from dataclasses import dataclass
+from typing import Any
+
+# The generic dataclass <-> argparse helpers live below jobs/ and viz/ (schema/cli.py); they
+# are re-exported here under the names the entry points and tests import.
+from schema.cli import add_arguments, from_namespace
+
+__all__ = [
+    "DATA_HELP",
+    "PrepareSettings",
+    "SearchSettings",
+    "TrainSettings",
+    "add_arguments",
+    "as_dict",
+    "from_namespace",
+]
 
 DATA_HELP = (
     "FER2013 as a path or s3:// URI: the challenge CSV fer2013.csv(.gz), icml_face_data.csv, "
@@ -86,34 +99,6 @@ class PrepareSettings:
 
     data: str = "data/fer2013.csv"
     upload: str = ""  # s3://bucket/key to copy the source to
-
-
-S = TypeVar("S")
-
-
-def _parse_bool(text: str) -> bool:
-    lowered = str(text).strip().lower()
-    if lowered in {"1", "true", "yes", "y", "on"}:
-        return True
-    if lowered in {"0", "false", "no", "n", "off", ""}:
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-
-
-def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
-    """Add one `--field-name` flag per dataclass field, defaulting to the field's default."""
-    for field in fields(cls):
-        flag = "--" + field.name.replace("_", "-")
-        default = field.default
-        kind = bool if isinstance(default, bool) else type(default)
-        converter: Any = _parse_bool if kind is bool else kind
-        parser.add_argument(flag, dest=field.name, type=converter, default=default)
-
-
-def from_namespace(cls: type[S], namespace: argparse.Namespace) -> S:
-    """Build the settings dataclass from parsed arguments (ignores unrelated attributes)."""
-    values = {f.name: getattr(namespace, f.name) for f in fields(cls) if hasattr(namespace, f.name)}
-    return cls(**values)
 
 
 def as_dict(settings: Any) -> dict[str, Any]:

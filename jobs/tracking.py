@@ -332,7 +332,7 @@ class MLflowTrialLogger(tune.Callback):
         plan_name = placed.plan.name
         tags = {
             MLFLOW_PARENT_RUN_ID: self.parent_run_id,
-            layout.TAG_ROLE: "trial",
+            layout.TAG_ROLE: layout.ROLE_TRIAL,
             layout.TAG_FAMILY: placed.plan.model["family"],
             layout.TAG_TRIAL_ID: trial_id,
             layout.TAG_PLAN_NAME: plan_name,

@@ -101,7 +101,7 @@ def train(settings: TrainSettings) -> dict[str, Any]:
         mlflow.set_tags(
             {
                 layout.TAG_PRECISION: policy,
-                layout.TAG_ROLE: "train",
+                layout.TAG_ROLE: layout.ROLE_TRAIN,
                 layout.TAG_FAMILY: settings.family,
                 layout.TAG_DATA_SHA: data_info["sha256"],
             }

@@ -177,33 +177,6 @@ def _training_share(data: TrainData, config: TrainingConfig) -> TrainData:
     return replace(data, x_train=data.x_train[keep], y_train=data.y_train[keep])
 
 
-class InjectedOOM:
-    """Test hook: raise a real ResourceExhaustedError during an epoch while the micro-batch is big.
-
-    Configured from the trial config's `fault_injection` entry, so tests exercise the same
-    recovery path a GPU OOM takes.
-    """
-
-    def __init__(self, at_epoch: int, above_micro_batch: int) -> None:
-        self.at_epoch = at_epoch
-        self.above_micro_batch = above_micro_batch
-
-    def callback(self, epoch: int, micro_batch: int) -> Any:
-        import keras
-        import tensorflow as tf
-
-        trigger = epoch == self.at_epoch and micro_batch > self.above_micro_batch
-
-        class _Raise(keras.callbacks.Callback):
-            def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
-                if trigger and batch >= 1:
-                    raise tf.errors.ResourceExhaustedError(
-                        None, None, f"injected OOM at epoch {epoch}, micro-batch {micro_batch}"
-                    )
-
-        return _Raise()
-
-
 class EpochLoop:
     """Train epoch by epoch, checkpointing into `workdir` after each one.
 
@@ -219,14 +192,12 @@ class EpochLoop:
         workdir: Path,
         *,
         resume_from: Path | None = None,
-        fault: InjectedOOM | None = None,
     ) -> None:
         self.build_model = build_model
         self.data = _training_share(data, config)
         self.config = config
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.fault = fault
         # Tensors made once (not per epoch), and the validation batches per micro-batch size.
         self._tensors: tuple[Any, Any, Any, Any] | None = None
         self._val_batches: dict[str, tuple[int, Any]] = {}
@@ -337,9 +308,6 @@ class EpochLoop:
         }
 
     def _one_epoch(self, epoch: int) -> tuple[dict[str, float], np.ndarray]:
-        callbacks = []
-        if self.fault is not None:
-            callbacks.append(self.fault.callback(epoch, self.state.micro_batch_size))
         if self.config.lr_schedule != "constant":
             self.model.optimizer.learning_rate = learning_rate_at(self.config, epoch)
         started = time.perf_counter()
@@ -349,7 +317,6 @@ class EpochLoop:
             initial_epoch=epoch - 1,
             shuffle=False,  # the batches are shuffled already, by (seed, epoch)
             verbose=0,
-            callbacks=callbacks,
         ).history
         probabilities = self._predict_validation()
         seconds = time.perf_counter() - started

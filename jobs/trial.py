@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from jobs.training import EpochLoop, InjectedOOM, TrainData, TrainingConfig
+from jobs.training import EpochLoop, TrainData, TrainingConfig
 
 WORKDIR_PREFIX = "fer-trial-"
 MIB = 1 << 20
@@ -206,17 +206,10 @@ def train_trial(config: dict[str, Any], data: dict[str, Any] | None = None) -> N
     )
     stats = (data["mean"], data["variance"])
     model_config = config_from_dict(trial["model"])
-    fault_spec = trial.get("fault_injection") or {}
-    fault = (
-        InjectedOOM(int(fault_spec["oom_at_epoch"]), int(fault_spec.get("above_micro_batch", 0)))
-        if "oom_at_epoch" in fault_spec
-        else None
-    )
-    kill_spec = fault_spec.get("kill_at_epoch")
 
     workdir = make_workdir()
     checkpoint = tune.get_checkpoint()
-    # A restarted trial (its process was killed) goes on from its last epoch.
+    # A restarted trial (its process or the driver was killed) goes on from its last epoch.
     restored = Path(checkpoint.to_directory(str(workdir / "restored"))) if checkpoint else None
     warm = warm_start_file(trial.get("warm_start", ""), workdir / "warm")
 
@@ -232,7 +225,6 @@ def train_trial(config: dict[str, Any], data: dict[str, Any] | None = None) -> N
         _training_config(trial),
         workdir / "current",
         resume_from=restored,
-        fault=fault,
     )
 
     where = {**placed_on(), "precision": policy}
@@ -247,16 +239,6 @@ def train_trial(config: dict[str, Any], data: dict[str, Any] | None = None) -> N
             checkpoint=tune.Checkpoint.from_directory(str(directory)),
         )
         once.clear()
-        # Test hook for reliability tests: die hard once, right after epoch k is checkpointed.
-        marker = fault_spec.get("kill_marker")
-        if (
-            kill_spec
-            and metrics["epoch"] == int(kill_spec)
-            and marker
-            and not Path(marker).exists()
-        ):
-            Path(marker).write_text(str(os.getpid()))
-            os._exit(137)
 
     try:
         loop.run(report)

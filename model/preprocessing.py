@@ -13,8 +13,10 @@ from typing import Any
 import keras
 import numpy as np
 
-IMAGE_SHAPE: tuple[int, int, int] = (48, 48, 1)
-NUM_CLASSES = 7
+from model.data.dataset import CLASS_NAMES, IMAGE_SIDE
+
+IMAGE_SHAPE: tuple[int, int, int] = (IMAGE_SIDE, IMAGE_SIDE, 1)
+NUM_CLASSES = len(CLASS_NAMES)
 NORMALIZATIONS: tuple[str, ...] = ("rescale", "standardize", "none")
 MAX_CROP = 12  # a quarter of the image: beyond that a crop loses the face
 

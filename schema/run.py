@@ -36,6 +36,11 @@ DATASET_CONTEXTS = {"Training": "training", "PublicTest": "validation"}
 
 # Every tag the project writes, spelled here only (tests/test_layout.py greps for strays).
 TAG_ROLE = "fer.role"
+# The values of `fer.role`: what a run is (the ensemble's is ENSEMBLE, below).
+ROLE_SEARCH = "search"
+ROLE_SEARCH_RESUME = "search_resume"  # the MLflow-project run that resumed a search
+ROLE_TRIAL = "trial"
+ROLE_TRAIN = "train"
 TAG_FAMILY = "fer.family"
 TAG_STATUS = "fer.trial_status"
 TAG_PLAN_NAME = "fer.plan_name"

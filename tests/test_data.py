@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import model.data as data_mod
+import model.data.csv_parser as csv_parser_mod
+import model.data.loader as loader_mod
+import model.data.sources as sources_mod
 from model.data import CLASS_NAMES, USAGES, DataError, FERDataset, load_fer2013
 
 ROWS_PER_USAGE = {"Training": 21, "PublicTest": 7, "PrivateTest": 7}
@@ -47,9 +49,9 @@ def isolated_cache(
 @pytest.fixture
 def small_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
     """Make a 35-row file span many text blocks, inflate calls and pixel batches."""
-    monkeypatch.setattr(data_mod, "_BLOCK_BYTES", 30_000)
-    monkeypatch.setattr(data_mod, "_INFLATE_IN_BYTES", 4_000)
-    monkeypatch.setattr(data_mod, "_PIXEL_BATCH_ROWS", 3)
+    monkeypatch.setattr(csv_parser_mod, "_BLOCK_BYTES", 30_000)
+    monkeypatch.setattr(csv_parser_mod, "_INFLATE_IN_BYTES", 4_000)
+    monkeypatch.setattr(csv_parser_mod, "_PIXEL_BATCH_ROWS", 3)
 
 
 def pixel_text(image: np.ndarray, sep: str = " ") -> str:
@@ -451,14 +453,14 @@ def test_cache_hit_skips_parsing_and_change_invalidates(
     assert len(_cache_files(cache)) == 1
     assert not list(cache.glob(".tmp-*"))
 
-    real_parse = data_mod._parse_plan
+    real_parse = loader_mod._parse_plan
     calls = []
 
     def counting_parse(*args, **kwargs):
         calls.append(args)
         return real_parse(*args, **kwargs)
 
-    monkeypatch.setattr(data_mod, "_parse_plan", counting_parse)
+    monkeypatch.setattr(loader_mod, "_parse_plan", counting_parse)
     cached = load_fer2013(path, cache_dir=cache)
     assert calls == []
     assert_same(cached, sample)
@@ -502,7 +504,7 @@ def test_validation_split_applies_after_the_cache(
 ) -> None:
     path = write_course(tmp_path / "course", sample) / "train.csv"
     a = load_fer2013(path, seed=1, val_fraction=0.3)
-    monkeypatch.setattr(data_mod, "_parse_plan", lambda *a, **k: pytest.fail("re-parsed"))
+    monkeypatch.setattr(loader_mod, "_parse_plan", lambda *a, **k: pytest.fail("re-parsed"))
     b = load_fer2013(path, seed=2, val_fraction=0.3)
     c = load_fer2013(path, seed=1, val_fraction=0.3)
     np.testing.assert_array_equal(a.usage, c.usage)
@@ -610,7 +612,7 @@ def test_s3_round_trip(
 
     # Warm: keyed by ETag + size, so nothing is downloaded again.
     with monkeypatch.context() as patch:
-        patch.setattr(data_mod._S3Origin, "read", lambda *a: pytest.fail("downloaded again"))
+        patch.setattr(sources_mod._S3Origin, "read", lambda *a: pytest.fail("downloaded again"))
         assert load_fer2013("s3://fer/data/fer2013.csv.gz").sha256 == from_file.sha256
         assert_same(load_fer2013("s3://fer/faces/"), sample)
     # A changed object changes its ETag: re-read.

@@ -137,7 +137,7 @@ def test_a_proposal_that_cannot_reach_the_first_rung_in_time_is_not_started() ->
 
 def test_the_fixed_points_run_first_then_the_model_based_searcher() -> None:
     settings = SearchSettings(families="cnn,dnn", max_epochs=4, num_samples=10)
-    searcher = _explore_searcher(settings, _planner(1e6), Recorder(), 3600, None, None)
+    searcher = _explore_searcher(settings, _planner(1e6), Recorder(), 3600, None)
 
     configs = [searcher.suggest(f"t{i}") for i in range(5)]
 
@@ -157,13 +157,13 @@ def test_the_fixed_points_run_first_then_the_model_based_searcher() -> None:
 
 def test_a_restored_searcher_continues_where_it_stopped(tmp_path: Path) -> None:
     settings = SearchSettings(families="dnn", max_epochs=2, num_samples=10)
-    first = _explore_searcher(settings, _planner(1e6), Recorder(), 3600, None, None)
+    first = _explore_searcher(settings, _planner(1e6), Recorder(), 3600, None)
     names = [first.suggest(f"t{i}")["plan"] for i in range(3)]
     first.on_trial_result("t1", {"best_val_accuracy": 0.3, "training_iteration": 1})
     first.on_trial_complete("t1", {"best_val_accuracy": 0.3, "training_iteration": 1})
     first.save(str(tmp_path / "searcher.pkl"))
 
-    second = _explore_searcher(settings, _planner(1e6), Recorder(), 3600, None, None)
+    second = _explore_searcher(settings, _planner(1e6), Recorder(), 3600, None)
     second.restore(str(tmp_path / "searcher.pkl"))
     following = second.suggest("t3")["plan"]
 

@@ -2,7 +2,9 @@
 
 `pytest -m reliability` (the default run excludes it). Each test is named after the numbered
 requirement it proves; number 2 (driver killed, then `--resume true`) lives in
-tests/test_resume.py. The faults are real: a trial process that exits with 137, `mlflow server`
+tests/test_resume.py. The faults are real: a trial process that exits with 137 and a
+`ResourceExhaustedError` mid-epoch (both injected into the trial's own epoch loop by
+tests/fault_hooks.py, the product carries no hook), `mlflow server`
 and moto S3 processes that are stopped or sit behind a connection-dropping proxy, Keras files
 with live payloads. Everything listens on 127.0.0.1, every wait is bounded, the data is a tiny
 generated CSV, and each test cleans up the processes it started (by their process group).
@@ -33,6 +35,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import child_runs, free_port, search_cmd, sqlite_tracking
+from fault_hooks import faulty_ray
 from jobs.tracking import EPOCH_METRICS
 from viz_helpers import dnn_plan, run_config, tiny_dnn, write_fer_csv
 
@@ -195,7 +198,7 @@ def bigger_fer_csv(path: Path) -> Path:
 
 @pytest.mark.timeout(900)
 def test_01_worker_killed_mid_trial_resumes_from_its_checkpoint(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, local_ray: None
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from jobs.search import run_search
     from jobs.settings import SearchSettings
@@ -220,7 +223,8 @@ def test_01_worker_killed_mid_trial_resumes_from_its_checkpoint(
     (plan,) = planned(settings)
     faults = {plan["name"]: {"kill_at_epoch": 2, "kill_marker": str(marker)}}
 
-    result = run_search(settings, fault_injection=faults)
+    with faulty_ray(faults):
+        result = run_search(settings)
 
     assert marker.exists(), "the trial process was never killed: the fault did not happen"
     killed_pid = int(marker.read_text())
@@ -563,7 +567,7 @@ def test_05_config_larger_than_every_worker_is_refused_before_launch(
 
 @pytest.mark.timeout(900)
 def test_06_runtime_oom_halves_the_micro_batch_and_is_recorded(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, local_ray: None
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from jobs.search import run_search
     from jobs.settings import SearchSettings
@@ -591,7 +595,8 @@ def test_06_runtime_oom_halves_the_micro_batch_and_is_recorded(
     # A real tf.errors.ResourceExhaustedError in epoch 2 while the micro-batch is above half.
     faults = {plan["name"]: {"oom_at_epoch": 2, "above_micro_batch": half}}
 
-    result = run_search(settings, fault_injection=faults)
+    with faulty_ray(faults):
+        result = run_search(settings)
 
     (trial,) = tune_results(result.tune_path).values()
     assert [row["epoch"] for row in trial] == [1, 2, 3]

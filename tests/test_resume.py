@@ -105,4 +105,6 @@ def test_02_driver_killed_then_resumed(tmp_path: Path) -> None:
     for run in children:
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_accuracy")]
         assert len(steps) == len(set(steps)), f"{run.info.run_name}: duplicated epochs {steps}"
-        assert run.data.tags.get("fer.trial_status") in {"finished", "early_stopped"}
+        assert run.data.tags.get("fer.trial_status") in {"finished", "early_stopped"}, (
+            f"{run.info.run_name}: {run.data.tags.get('fer.error', 'no error tag')[-2000:]}"
+        )

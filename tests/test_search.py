@@ -335,3 +335,52 @@ def test_signature_refuses_a_model_file_with_other_inputs(tmp_path: Path) -> Non
     with pytest.raises(ValueError, match=r"other\.keras: expected one float32 input of shape"):
         fer_signature(path)
     keras.backend.clear_session()
+
+
+def test_a_trial_restores_from_a_checkpoint_tune_deleted(tmp_path: Path, ray_session) -> None:
+    """A driver killed between Tune registering a trial's checkpoint (deleting the older one,
+    num_to_keep=1) and saving its state leaves a state naming a checkpoint that is gone. Built
+    here by hand: the trial fails after two checkpoints, then its last one is renamed to the
+    next index, as if a newer one had been registered and the older deleted."""
+    from ray import tune
+
+    from jobs.restore import CheckpointRepair
+    from jobs.training import STATE_FILE
+
+    def trainable(config: dict) -> None:
+        checkpoint = tune.get_checkpoint()
+        start = 0
+        if checkpoint is not None:
+            with checkpoint.as_directory() as directory:
+                start = json.loads((Path(directory) / STATE_FILE).read_text())["epoch"]
+        for epoch in range(start + 1, 4):
+            if epoch == 3 and start == 0:
+                raise RuntimeError("the first run stops here")
+            with tempfile.TemporaryDirectory() as directory:
+                (Path(directory) / STATE_FILE).write_text(json.dumps({"epoch": epoch}))
+                tune.report(
+                    {"epoch": epoch, "restored_from": start},
+                    checkpoint=tune.Checkpoint.from_directory(directory),
+                )
+
+    tuner = tune.Tuner(
+        trainable,
+        run_config=tune.RunConfig(
+            name="deleted",
+            storage_path=str(tmp_path),
+            callbacks=[CheckpointRepair()],
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            failure_config=tune.FailureConfig(max_failures=0),
+            verbose=0,
+        ),
+    )
+    assert tuner.fit().errors
+    (trial_dir,) = [p for p in (tmp_path / "deleted").iterdir() if p.is_dir()]
+    (named,) = trial_dir.glob("checkpoint_*")
+    assert named.name == "checkpoint_000001"
+    named.rename(trial_dir / "checkpoint_000002")
+
+    restored = tune.Tuner.restore(str(tmp_path / "deleted"), trainable, resume_errored=True)
+    (result,) = restored.fit()
+    assert result.error is None, result.error
+    assert result.metrics["epoch"] == 3 and result.metrics["restored_from"] == 2

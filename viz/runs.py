@@ -18,10 +18,12 @@ from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from model.preprocessing import IMAGE_SHAPE, NUM_CLASSES
 from schema.run import (
     CONFIG_FILE,
     MODEL_DIR,
     MODEL_FILE,
+    ROLE_SEARCH,
     SHA_FILE,
     TAG_BEST_RUN,
     TAG_CHAMPION_RUN,
@@ -32,9 +34,6 @@ from schema.run import (
 
 log = logging.getLogger("viz")
 
-IMAGE_SHAPE = (48, 48, 1)
-NUM_CLASSES = 7
-ROLE_SEARCH = "search"
 BEST_METRIC = "best_val_accuracy"
 TAG_PARENT = "mlflow.parentRunId"
 _DATA_KEYS = ("source", "sha256", "data_fraction", "seed")
