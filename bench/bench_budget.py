@@ -21,6 +21,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from schema import run as layout
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -34,7 +36,7 @@ def summarise(tracking_uri: str, experiment: str) -> dict[str, Any]:
         raise ValueError(f"no experiment {experiment!r} in {tracking_uri}")
     parents = client.search_runs(
         [found.experiment_id],
-        "tags.`fer.role` = 'search'",
+        f"tags.`{layout.TAG_ROLE}` = '{layout.ROLE_SEARCH}'",
         order_by=["attributes.start_time DESC"],
         max_results=1,
     )
@@ -44,21 +46,21 @@ def summarise(tracking_uri: str, experiment: str) -> dict[str, Any]:
     children = client.search_runs(
         [found.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
     )
-    ensembles = [r for r in children if r.data.tags.get("fer.role") == "ensemble"]
+    ensembles = [r for r in children if r.data.tags.get(layout.TAG_ROLE) == layout.ENSEMBLE]
     trials = []
     for run in children:
-        if run.data.tags.get("fer.role") == "ensemble":
+        if run.data.tags.get(layout.TAG_ROLE) == layout.ENSEMBLE:
             continue
         speed = [m.value for m in client.get_metric_history(run.info.run_id, "images_per_second")]
         trials.append(
             {
                 "name": run.info.run_name,
                 "phase": run.data.params.get("phase", ""),
-                "family": run.data.tags.get("fer.family"),
-                "status": run.data.tags.get("fer.trial_status", run.info.status),
+                "family": run.data.tags.get(layout.TAG_FAMILY),
+                "status": run.data.tags.get(layout.TAG_STATUS, run.info.status),
                 "param_count": int(run.data.params.get("param_count", 0) or 0),
-                "epochs_done": int(run.data.tags.get("fer.epochs_done", 0) or 0),
-                "stop_reason": run.data.tags.get("fer.stop_reason"),
+                "epochs_done": int(run.data.tags.get(layout.TAG_EPOCHS_DONE, 0) or 0),
+                "stop_reason": run.data.tags.get(layout.TAG_STOP_REASON),
                 "best_val_accuracy": run.data.metrics.get("best_val_accuracy"),
                 "images_per_second_median": statistics.median(speed) if speed else None,
                 "estimated_epoch_seconds": float(
@@ -113,8 +115,8 @@ def _ensemble(runs: list[Any], parent_tags: dict[str, str]) -> dict[str, Any]:
         "ensemble_best_single": params.get("best_single", ""),
         "ensemble_report_rows": params.get("report_rows", ""),
         "ensemble_predict_ms_per_image": metrics.get("predict_ms_per_image"),
-        "ensemble_champion": parent_tags.get("fer.champion", ""),
-        "ensemble_champion_reason": parent_tags.get("fer.champion_reason", ""),
+        "ensemble_champion": parent_tags.get(layout.TAG_CHAMPION, ""),
+        "ensemble_champion_reason": parent_tags.get(layout.TAG_CHAMPION_REASON, ""),
     }
 
 

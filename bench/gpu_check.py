@@ -27,6 +27,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from schema.run import RESULT_TAG_PREFIX
+
 ROOT = Path(__file__).resolve().parent.parent
 GPU_PARTS = ("packed_trials", "estimate_vs_gpu_peak", "mixed_precision_throughput")
 # name, model (config_to_dict form or a preset name), batch, optimizer, precision
@@ -188,7 +190,7 @@ def packed_trials(data: str, card_mb: int, workdir: Path) -> dict[str, Any]:
                 "estimated_mb": placement["estimated_mb"],
                 "cap_mb": placement["gpu_memory_limit_mb"],
                 "gpu_peak_memory_mb": run.data.metrics.get("gpu_peak_memory_mb"),
-                "gpu_ids": run.data.tags.get("fer.gpu_ids"),
+                "gpu_ids": run.data.tags.get(RESULT_TAG_PREFIX + "gpu_ids"),
                 "start": run.info.start_time,
                 "end": run.info.end_time,
             }

@@ -47,11 +47,12 @@ def test_the_walk_sees_lazy_imports(tmp_path: Path) -> None:
 
 
 def test_every_tag_is_spelled_in_the_schema_only() -> None:
-    """No `fer.` tag literal in the product outside schema/ (one home for every logged name)."""
+    """No `fer.` tag literal outside schema/ (one home for every logged name), in the product
+    and in the benchmarks that read its runs."""
     import re
 
     stray = {}
-    for layer in ("model", "jobs", "viz"):
+    for layer in ("model", "jobs", "viz", "bench"):
         for path in sorted((ROOT / layer).rglob("*.py")):
             found = re.findall(r"""f?["']fer\.[a-z_]""", path.read_text())
             if found:
