@@ -4,12 +4,12 @@ Tune deletes a trial's older checkpoint (`CheckpointConfig(num_to_keep)`) as soo
 registers a newer one, but writes the experiment state only at its next step. A driver killed
 in between leaves a state that restores the trial from a checkpoint that is gone: Tune's
 `Trainable.restore` raises "Could not recover from checkpoint as it does not exist on storage
-anymore" on every retry and the trial fails (seen on a loaded 2-core machine: `--resume true`
-after a SIGKILL of the driver lost one trial in about three). The newer checkpoint was written
-in full before Tune registered it, so `CheckpointRepair` copies it back under the name Tune
-remembers, on the driver, after the trial's actor starts and before Tune restores it. The trial
-goes on from there; Tune's own bookkeeping, which deletes that name when the trial reports
-again, stays consistent.
+anymore" on every retry and the trial fails (tests/test_resume.py: in both CI attempts on a
+2-core machine, and once in five runs here with the other core busy). The newer checkpoint was
+written in full before Tune registered it, so `CheckpointRepair` copies it back under the name
+Tune remembers, on the driver, after the trial's actor starts and before Tune restores it. The
+trial goes on from there; Tune's own bookkeeping, which deletes that name when the trial
+reports again, stays consistent.
 """
 
 from __future__ import annotations

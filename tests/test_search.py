@@ -337,6 +337,36 @@ def test_signature_refuses_a_model_file_with_other_inputs(tmp_path: Path) -> Non
     keras.backend.clear_session()
 
 
+def test_a_checkpoint_tune_deleted_is_rebuilt_from_the_next_one(tmp_path: Path) -> None:
+    """A driver killed between Tune registering checkpoint 3 (and deleting 2) and writing its
+    experiment state restores the trial from checkpoint 2: it comes back with 3's files."""
+    from ray import tune
+
+    from jobs.restore import restorable
+    from jobs.training import LAST_MODEL, STATE_FILE
+
+    trial_dir = tmp_path / "train_trial_x"
+    newer = trial_dir / "checkpoint_000003"
+    newer.mkdir(parents=True)
+    (newer / STATE_FILE).write_text('{"epoch": 4}')
+    (newer / LAST_MODEL).write_bytes(b"model of epoch 4")
+    partial = trial_dir / "checkpoint_000004"  # being written when the driver died
+    partial.mkdir()
+    (partial / LAST_MODEL).write_bytes(b"half")
+
+    gone = tune.Checkpoint(str(trial_dir / "checkpoint_000002"))
+    local = Path(restorable(gone).to_directory(str(tmp_path / "restored")))
+    assert (local / STATE_FILE).read_text() == '{"epoch": 4}'
+    assert (local / LAST_MODEL).read_bytes() == b"model of epoch 4"
+    assert (trial_dir / "checkpoint_000002" / STATE_FILE).exists()  # Tune's name is back
+
+    # A checkpoint that exists is used as it is.
+    assert restorable(tune.Checkpoint(str(newer))).path == str(newer)
+    # Nothing to rebuild from: a clear error, not a trial restarted from scratch.
+    with pytest.raises(FileNotFoundError, match="checkpoint_000009.*is gone"):
+        restorable(tune.Checkpoint(str(trial_dir / "checkpoint_000009")))
+
+
 def test_a_trial_restores_from_a_checkpoint_tune_deleted(tmp_path: Path, ray_session) -> None:
     """A driver killed between Tune registering a trial's checkpoint (deleting the older one,
     num_to_keep=1) and saving its state leaves a state naming a checkpoint that is gone. Built

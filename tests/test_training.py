@@ -216,32 +216,3 @@ def test_soft_labels_train_with_categorical_loss_and_a_stratified_row_share(
         TrainingConfig(label_smoothing=0.9)
     with pytest.raises(ValueError, match="train_fraction"):
         TrainingConfig(train_fraction=0.0)
-
-
-def test_a_checkpoint_tune_deleted_is_rebuilt_from_the_next_one(tmp_path: Path) -> None:
-    """A driver killed between Tune registering checkpoint 3 (and deleting 2) and writing its
-    experiment state restores the trial from checkpoint 2: it comes back with 3's files."""
-    from ray import tune
-
-    from jobs.restore import restorable
-
-    trial_dir = tmp_path / "train_trial_x"
-    newer = trial_dir / "checkpoint_000003"
-    newer.mkdir(parents=True)
-    (newer / STATE_FILE).write_text('{"epoch": 4}')
-    (newer / LAST_MODEL).write_bytes(b"model of epoch 4")
-    partial = trial_dir / "checkpoint_000004"  # being written when the driver died
-    partial.mkdir()
-    (partial / LAST_MODEL).write_bytes(b"half")
-
-    gone = tune.Checkpoint(str(trial_dir / "checkpoint_000002"))
-    local = Path(restorable(gone).to_directory(str(tmp_path / "restored")))
-    assert (local / STATE_FILE).read_text() == '{"epoch": 4}'
-    assert (local / LAST_MODEL).read_bytes() == b"model of epoch 4"
-    assert (trial_dir / "checkpoint_000002" / STATE_FILE).exists()  # Tune's name is back
-
-    # A checkpoint that exists is used as it is.
-    assert restorable(tune.Checkpoint(str(newer))).path == str(newer)
-    # Nothing to rebuild from: a clear error, not a trial restarted from scratch.
-    with pytest.raises(FileNotFoundError, match="checkpoint_000009.*is gone"):
-        restorable(tune.Checkpoint(str(trial_dir / "checkpoint_000009")))
