@@ -231,9 +231,11 @@ def details(results: dict[str, Any]) -> str:
         ours, kt = results.get("ours", {}), results["kerastuner"]
         lines.append(
             f"- vs KerasTuner Hyperband: target val accuracy "
-            f"{results.get('kerastuner_target_val_accuracy')} on "
-            f"{results.get('kerastuner_data_fraction')} of the data, "
-            f"{results.get('kerastuner_budget_min')} min each: ours reached it after "
+            f"{_fmt(results.get('kerastuner_target_val_accuracy'))} (KerasTuner's best in its "
+            f"budget) on {results.get('kerastuner_data_fraction')} of the data, "
+            f"{results.get('kerastuner_budget_min')} min each, reference CNN "
+            f"{_fmt(results.get('kerastuner_reference_images_per_second'))} images/s: ours "
+            f"reached it after "
             f"{_fmt(ours.get('seconds_to_target'))} s (best {_fmt(ours.get('best_val_accuracy'))}),"
             f" KerasTuner after {_fmt(kt.get('seconds_to_target'))} s "
             f"(best {_fmt(kt.get('best_val_accuracy'))}); a tool that never reaches the target "

@@ -489,6 +489,7 @@ def run_search(
             explore_s,
             num_samples=settings.num_samples if plans is None else len(plans),
             restore=resumed,
+            ranked_fraction=settings.explore_fraction if plans is None else 1.0,
         )
         recorder.queue.drain(TRACKING_DRAIN_S)
         if final_share > 0:
@@ -596,7 +597,7 @@ def _final_phase(
         seconds_left,
         num_samples=max(1, len(plans)),
         restore=restore,
-        scheduler=False,
+        ranked_fraction=None,
     )
     recorder.queue.drain(TRACKING_DRAIN_S)
 
@@ -611,13 +612,18 @@ def _fit(
     *,
     num_samples: int,
     restore: bool,
-    scheduler: bool = True,
+    ranked_fraction: float | None,
 ) -> Any:
-    """One Tune run (a phase of the search): new, or restored from `tune_path`."""
+    """One Tune run (a phase of the search): new, or restored from `tune_path`.
+
+    `ranked_fraction`: ASHA stops the weak trials among those on this share of the rows
+    (`jobs/scheduling.py`); None: every trial runs to its end (the final phase).
+    """
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.schedulers import FIFOScheduler
 
     from jobs.restore import CheckpointRepair
+    from jobs.scheduling import SameFidelityASHA
     from jobs.trial import sweep_workdirs, train_trial
 
     trainable = tune.with_resources(
@@ -631,8 +637,9 @@ def _fit(
     else:
         storage, name = tune_path.rsplit("/", 1)
         trial_scheduler: Any = FIFOScheduler()
-        if scheduler:
-            trial_scheduler = ASHAScheduler(
+        if ranked_fraction is not None:
+            trial_scheduler = SameFidelityASHA(
+                ranked_fraction,
                 metric="val_accuracy",
                 mode="max",
                 time_attr="training_iteration",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from bench.bench_kerastuner import compare
 from bench.run_all import _merged_note, record_sources
 
 
@@ -21,3 +22,19 @@ def test_a_partial_run_keeps_the_provenance_of_what_it_did_not_rerun() -> None:
     assert "budget from d0 (commit `c0`" in note
     # A run that re-ran everything needs no note.
     assert _merged_note(full, {}) == ""
+
+
+def test_the_kerastuner_target_is_its_own_best_and_a_miss_counts_the_budget() -> None:
+    kerastuner = [(60.0, 0.30), (300.0, 0.36), (500.0, 0.35)]
+    # Ours reached 0.36 at 90 s: both reach the target, ours in 90 s, KerasTuner's best at 300 s.
+    outcome = compare([(30.0, 0.31), (90.0, 0.37), (200.0, 0.40)], kerastuner, 600.0)
+    assert outcome["kerastuner_target_val_accuracy"] == 0.36
+    assert outcome["seconds_to_target"] == {"ours": 90.0, "kerastuner": 300.0}
+    assert outcome["kerastuner_time_to_target_ratio"] == 0.3
+    # A search that never reaches it is censored at the budget, not left out.
+    missed = compare([(30.0, 0.31)], kerastuner, 600.0)
+    assert missed["censored"] == {"ours": True, "kerastuner": False}
+    assert missed["kerastuner_time_to_target_ratio"] == 2.0
+    # A fixed target both may miss.
+    fixed = compare([(30.0, 0.31)], kerastuner, 600.0, target=0.5)
+    assert fixed["kerastuner_time_to_target_ratio"] == 1.0
