@@ -14,10 +14,7 @@ from typing import Any
 
 from ray.tune.schedulers import AsyncHyperBandScheduler, TrialScheduler
 
-
-def train_fraction_of(config: dict[str, Any]) -> float:
-    """The share of the training rows a Tune trial config trains on (`jobs.trial.plan_of`)."""
-    return float(config["trial"]["training"].get("train_fraction", 1.0))
+from jobs.trial import plan_of
 
 
 class SameFidelityASHA(AsyncHyperBandScheduler):
@@ -28,7 +25,8 @@ class SameFidelityASHA(AsyncHyperBandScheduler):
         self.train_fraction = float(train_fraction)
 
     def ranks(self, trial: Any) -> bool:
-        return abs(train_fraction_of(trial.config) - self.train_fraction) < 1e-9
+        fraction = float(plan_of(trial.config)["training"].get("train_fraction", 1.0))
+        return abs(fraction - self.train_fraction) < 1e-9
 
     def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
         if not self.ranks(trial):
@@ -37,6 +35,6 @@ class SameFidelityASHA(AsyncHyperBandScheduler):
 
     def on_trial_complete(self, tune_controller: Any, trial: Any, result: dict) -> None:
         if not self.ranks(trial):
-            self._trial_info.pop(trial.trial_id, None)
+            self.on_trial_remove(tune_controller, trial)  # forget it, record nothing
             return
         super().on_trial_complete(tune_controller, trial, result)

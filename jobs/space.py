@@ -280,9 +280,10 @@ def fixed_points(families: tuple[str, ...], max_epochs: int, seed: int) -> list[
         # A cosine schedule: the DNN runs all max_epochs inside a budget, and at a constant
         # rate it plateaus; the CNNs usually stop early (ASHA, time budget) and keep theirs.
         # Every row, whatever the explored share: its answer to question 2 is the DNN's, not a
-        # low-fidelity probe's (0.420 on a quarter of the rows, 0.478 on all of them), and a
-        # full DNN epoch (about 15 s on one core) costs half a quarter-row epoch of the
-        # known-good CNN. ASHA leaves it out of its rungs (jobs/scheduling.py).
+        # low-fidelity probe's (0.420 on a quarter of the rows, 0.492 on all of them in the
+        # 60-minute search of 2026-12-04 18:34), and a full DNN epoch (about 12 s on one core)
+        # costs half a quarter-row epoch of the known-good CNN. ASHA leaves it out of its
+        # rungs (jobs/scheduling.py).
         points.append(
             {
                 "name": "dnn-matched",
