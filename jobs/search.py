@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -54,12 +55,20 @@ FINAL_SUFFIX = "-final"
 # TPE's random start-up proposals before it models the results (Optuna's default is 10: more
 # than a CPU budget of an hour starts at all).
 TPE_STARTUP_TRIALS = 4
-# The final trials' epochs fill this share of the time left: their time estimate is corrected
-# by what the explored trial measured, but a trial cut off by the clock loses its last epochs.
-FINAL_FILL = 0.92
+# The final trials' epochs fill this share of the time left. They plan their epochs on their
+# measured epoch time (jobs/training.py, `time_budget_s`), so the rest is a margin for the
+# last epoch's spread and the ensemble; at 0.92 with epochs planned on the estimate alone, the
+# finals ended 3-5 minutes before a 60-minute budget (2026-12-04, BENCHMARKS.md).
+FINAL_FILL = 0.95
 # A final slot goes to another config only within this of the best explored accuracy.
 FINAL_MAX_GAP = 0.05
 MAX_CALIBRATION_COPIES = 4
+# An explored trial sees at least this many training rows (all of them where there are
+# fewer): a quarter of the full Training split, the fidelity that ranked configs in the
+# 60-minute searches. On 20 % of the data a quarter is 1,435 rows, and the search explored on
+# them to a best of 0.414 where KerasTuner, on all 5,742, reached 0.446 (2026-12-04,
+# BENCHMARKS.md).
+EXPLORE_MIN_ROWS = 7000
 
 __all__ = ["SearchResult", "init_ray", "plan_trials", "prepare_arrays", "run_search"]
 
@@ -162,6 +171,14 @@ def _plans(
         )
         for p in dicts
     ]
+
+
+def explore_fraction(settings: SearchSettings, train_rows: int) -> float:
+    """The share of the training rows an explored trial sees: `explore_fraction`, raised to
+    EXPLORE_MIN_ROWS rows (every row where there are fewer)."""
+    if train_rows <= 0:
+        return settings.explore_fraction
+    return max(settings.explore_fraction, min(1.0, EXPLORE_MIN_ROWS / train_rows))
 
 
 def plan_trials(
@@ -309,7 +326,8 @@ def final_plans(
     settings: SearchSettings, grid: Any, planner: Planner, seconds_left: float, slots: int
 ) -> list[TrialPlan]:
     """The best explored configs go on from their explored weights, on every row, for as many
-    epochs as fit in the time left, on a cosine schedule that ends on the last of them.
+    epochs as fit in the time left (planned again after each epoch on its measured time), on a
+    cosine schedule that ends on the last of them.
 
     The slots go to distinct configs within FINAL_MAX_GAP of the best; a slot left over trains
     the best config again with another shuffle seed (a second model of the best config is
@@ -362,18 +380,27 @@ def _final_plan(
     estimated = explored.estimated_epoch_seconds
     ratio = measured / estimated if estimated > 0 and measured > 0 else 1.0
     per_epoch = full.estimated_epoch_seconds * min(max(ratio, 0.5), 2.0)
+    budget_s = seconds_left * FINAL_FILL - SETUP_SECONDS
     epochs = settings.max_epochs
     if per_epoch > 0:
-        epochs = min(epochs, int((seconds_left * FINAL_FILL - SETUP_SECONDS) // per_epoch))
+        epochs = min(epochs, int(budget_s // per_epoch))
     if epochs < 1:
         log.info("final: no epoch of %s fits in %.0f s", explored.plan.name, seconds_left)
         return None
+    log.info(
+        "final: %s, about %d epochs of %.0f s estimated in %.0f s",
+        explored.plan.name,
+        epochs,
+        per_epoch,
+        budget_s,
+    )
     name = explored.plan.name + FINAL_SUFFIX + (f"-{copy + 1}" if copy else "")
     warm = _checkpoint_uri(result.checkpoint)
     return TrialPlan(
         name,
         explored.plan.model,
-        {**training, "max_epochs": epochs},
+        # The estimate decides whether an epoch fits; the trial plans the rest on its clock.
+        {**training, "time_budget_s": round(budget_s, 1)},
         FINAL,
         warm,
         explored.plan.name,
@@ -393,7 +420,7 @@ def _without_fidelity(training: dict[str, Any]) -> dict[str, Any]:
     return {
         k: v
         for k, v in training.items()
-        if k not in ("train_fraction", "max_epochs", "micro_batch_size")
+        if k not in ("train_fraction", "max_epochs", "micro_batch_size", "time_budget_s")
     }
 
 
@@ -447,6 +474,19 @@ def run_search(
         data_info["val_rows"],
         data_info["sha256"][:12],
     )
+
+    fraction = explore_fraction(settings, int(data_info["train_rows"]))
+    if fraction != settings.explore_fraction:
+        log.info(
+            "explore_fraction %.3g -> %.3g: an explored trial sees at least %d of the %d "
+            "training rows",
+            settings.explore_fraction,
+            fraction,
+            min(EXPLORE_MIN_ROWS, data_info["train_rows"]),
+            data_info["train_rows"],
+        )
+        # The effective share is what the trials, ASHA and the parent run's params see.
+        settings = dataclasses.replace(settings, explore_fraction=fraction)
 
     init_ray()
     budget = budget_from_nodes(ray.nodes(), settings.worker_memory_gb)
@@ -578,7 +618,7 @@ def _final_phase(
         return
     log.info(
         "final: %s in %.0f s",
-        ", ".join(f"{p.name} ({p.training['max_epochs']} epochs)" for p in plans) or "resumed",
+        ", ".join(p.name for p in plans) or "resumed",
         seconds_left,
     )
     searcher = PlacingSearcher(

@@ -420,7 +420,11 @@ class MLflowTrialLogger(tune.Callback):
             return
         self.completed.add(trial_id)
         placed = placed_from_config(config)
-        max_epochs = int(placed.plan.training["max_epochs"])
+        # A time-budgeted trial (the final) plans its epochs on the clock: it finished when
+        # it ran what it planned last.
+        max_epochs = int(
+            (last_result or {}).get("planned_epochs", placed.plan.training["max_epochs"])
+        )
         epochs_done = int((last_result or {}).get("epoch", 0))
         if error is not None:
             status, tag = "FAILED", "failed"
@@ -450,6 +454,8 @@ class MLflowTrialLogger(tune.Callback):
             )
             # The policy the trial resolved ("auto" became mixed_bfloat16, float32, ...).
             training["precision"] = last_result.get("precision", training.get("precision"))
+            # The epochs its schedule ended on, so a rebuild from the artifacts trains as long.
+            training["max_epochs"] = max_epochs
         run_config = layout.run_config(
             placed.plan.name,
             placed.plan.model,

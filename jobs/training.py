@@ -54,6 +54,10 @@ class TrainingConfig:
     # (BENCHMARKS.md, "Budget search"). Validation always uses every row.
     train_fraction: float = 1.0
     precision: str = "auto"  # see model/precision.py; resolved by the process that trains
+    # Seconds the epochs may take in all; > 0: after each epoch the run plans as many epochs
+    # as fit in what is left at the measured epoch time (at most max_epochs), and a cosine
+    # schedule ends on the last of them. 0: exactly max_epochs.
+    time_budget_s: float = 0.0
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
@@ -91,6 +95,8 @@ class TrainingConfig:
             raise ValueError(
                 f"train_fraction: expected a number in (0, 1], got {self.train_fraction!r}"
             )
+        if not (isinstance(self.time_budget_s, int | float) and self.time_budget_s >= 0):
+            raise ValueError(f"time_budget_s: expected a number >= 0, got {self.time_budget_s!r}")
 
     @property
     def soft_labels(self) -> bool:
@@ -112,6 +118,9 @@ class TrainState:
     micro_batch_size: int = 0
     oom_retries: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
+    # The epochs a time-budgeted run plans now (0: max_epochs) and the seconds its epochs took.
+    planned_epochs: int = 0
+    train_seconds: float = 0.0
 
     def save(self, directory: Path) -> None:
         (directory / STATE_FILE).write_text(json.dumps(asdict(self)))
@@ -129,10 +138,11 @@ class TrainData:
     y_val: np.ndarray
 
 
-def learning_rate_at(config: TrainingConfig, epoch: int) -> float:
-    """The learning rate of epoch `epoch` (1-based) under `config.lr_schedule`."""
+def learning_rate_at(config: TrainingConfig, epoch: int, epochs: int = 0) -> float:
+    """The learning rate of epoch `epoch` (1-based) under `config.lr_schedule`, in a run of
+    `epochs` epochs (0: `config.max_epochs`)."""
     if config.lr_schedule == "cosine":
-        progress = (epoch - 1) / config.max_epochs
+        progress = (epoch - 1) / (epochs or config.max_epochs)
         return config.learning_rate * 0.5 * (1.0 + math.cos(math.pi * progress))
     return config.learning_rate
 
@@ -309,7 +319,9 @@ class EpochLoop:
 
     def _one_epoch(self, epoch: int) -> tuple[dict[str, float], np.ndarray]:
         if self.config.lr_schedule != "constant":
-            self.model.optimizer.learning_rate = learning_rate_at(self.config, epoch)
+            self.model.optimizer.learning_rate = learning_rate_at(
+                self.config, epoch, self.planned_epochs
+            )
         started = time.perf_counter()
         history = self.model.fit(
             self._batches(epoch),
@@ -342,11 +354,29 @@ class EpochLoop:
             )
         staged.replace(self.workdir / BEST_PREDICTIONS)
 
+    @property
+    def planned_epochs(self) -> int:
+        """The epochs this run plans now: max_epochs, or what fits in its time budget."""
+        return self.state.planned_epochs or self.config.max_epochs
+
+    def _plan_on_the_clock(self) -> None:
+        """Re-plan a time-budgeted run on its measured epoch time (epochs start to start, so
+        checkpoints and best-epoch predictions count)."""
+        if self.config.time_budget_s <= 0 or self.state.epoch < 1:
+            return
+        per_epoch = self.state.train_seconds / self.state.epoch
+        left = self.config.time_budget_s - self.state.train_seconds
+        fits = int(left // per_epoch) if per_epoch > 0 else 0
+        self.state.planned_epochs = max(
+            self.state.epoch, min(self.config.max_epochs, self.state.epoch + fits)
+        )
+
     def run(self, on_epoch_end: Callable[[dict[str, Any], Path], None]) -> TrainState:
         import tensorflow as tf
 
-        while self.state.epoch < self.config.max_epochs:
+        while self.state.epoch < self.planned_epochs:
             epoch = self.state.epoch + 1
+            started = time.perf_counter()
             try:
                 metrics, probabilities = self._one_epoch(epoch)
             except tf.errors.ResourceExhaustedError as error:
@@ -361,6 +391,8 @@ class EpochLoop:
                 shutil.copyfile(self.workdir / LAST_MODEL, self.workdir / BEST_MODEL)
                 self._save_best_predictions(probabilities, epoch)
             self.state.history.append({"epoch": epoch, **metrics})
+            self.state.train_seconds += time.perf_counter() - started
+            self._plan_on_the_clock()
             self.state.save(self.workdir)
             on_epoch_end(
                 {
@@ -369,6 +401,7 @@ class EpochLoop:
                     "best_val_accuracy": self.state.best_val_accuracy,
                     "micro_batch_size": self.state.micro_batch_size,
                     "oom_retries": self.state.oom_retries,
+                    "planned_epochs": self.planned_epochs,
                 },
                 self.workdir,
             )

@@ -13,6 +13,7 @@ from jobs.proposals import (
     DOES_NOT_FIT,
     OVER_BUDGET,
     REFUSED_SCORE,
+    SETUP_SECONDS,
     PlacedTrial,
     PlacingSearcher,
     Planner,
@@ -22,7 +23,14 @@ from jobs.proposals import (
 )
 from jobs.resources import GIB, MIB, WorkerBudget
 from jobs.scheduling import SameFidelityASHA
-from jobs.search import SpacePlanMaker, _explore_searcher, final_plans
+from jobs.search import (
+    EXPLORE_MIN_ROWS,
+    FINAL_FILL,
+    SpacePlanMaker,
+    _explore_searcher,
+    explore_fraction,
+    final_plans,
+)
 from jobs.settings import SearchSettings
 from jobs.space import FAST_CNN, fast_cnn_point, fixed_points, model_from_params
 from jobs.timing import Calibration
@@ -136,6 +144,14 @@ def test_a_proposal_that_cannot_reach_the_first_rung_in_time_is_not_started() ->
     assert searcher.started == []
 
 
+def test_an_explored_trial_sees_at_least_explore_min_rows() -> None:
+    quarter = SearchSettings(explore_fraction=0.25)
+    assert explore_fraction(quarter, 28709) == 0.25  # the full split: the setting holds
+    assert explore_fraction(quarter, 14000) == pytest.approx(EXPLORE_MIN_ROWS / 14000)
+    assert explore_fraction(quarter, 5742) == 1.0  # 20 % of the data: every row
+    assert explore_fraction(SearchSettings(explore_fraction=0.8), 28709) == 0.8
+
+
 def test_the_fixed_points_run_first_then_the_model_based_searcher() -> None:
     settings = SearchSettings(families="cnn,dnn", max_epochs=4, num_samples=10)
     searcher = _explore_searcher(settings, _planner(1e6), Recorder(), 3600, None)
@@ -246,11 +262,18 @@ def test_final_plans_train_the_best_configs_to_the_end_of_the_time_left() -> Non
         assert plan.warm_start == f"/tune/{base['name']}/checkpoint_000005"
         assert plan.training["train_fraction"] == 1.0
         assert plan.training["lr_schedule"] == "cosine"
-        # The explored trial took 2 s an epoch on a quarter of the rows, against its estimate:
-        # the full-data estimate is scaled by the same ratio.
-        ratio = 2.0 / base["estimated_epoch_seconds"]
-        full = planner.place(plan).estimated_epoch_seconds
-        assert plan.training["max_epochs"] == min(30, int((600 * 0.92 - 20) // (full * ratio)))
+        # Epochs up to max_epochs, planned by the trial on its clock within the time left.
+        assert plan.training["max_epochs"] == 30
+        assert plan.training["time_budget_s"] == pytest.approx(600 * FINAL_FILL - SETUP_SECONDS)
+    # Whether an epoch fits: the explored trial took 2 s an epoch on a quarter of the rows,
+    # against its estimate, and the full-data estimate is scaled by the same ratio.
+    best = explored["dnn-b"]
+    ratio = 2.0 / best["estimated_epoch_seconds"]
+    full = planner.place(plans[0]).estimated_epoch_seconds * ratio
+    for epochs, fits in ((0.9, False), (1.1, True)):
+        seconds = (SETUP_SECONDS + epochs * full) / FINAL_FILL
+        found = final_plans(settings, grid, planner, seconds_left=seconds, slots=1)
+        assert bool(found) is fits, epochs
     # One slot: only the best; no time for an epoch: none.
     assert [p.name for p in final_plans(settings, grid, planner, 600.0, slots=1)] == ["dnn-b-final"]
     assert final_plans(settings, grid, planner, seconds_left=1.0, slots=2) == []

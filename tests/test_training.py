@@ -70,6 +70,44 @@ def test_cosine_schedule_falls_by_epoch(tmp_path: Path, data: TrainData, micro_b
     assert learning_rate_at(TrainingConfig(learning_rate=0.01), 7) == 0.01  # constant
 
 
+def test_a_time_budgeted_run_plans_its_epochs_on_its_measured_epoch_time(
+    tmp_path: Path, data: TrainData
+) -> None:
+    config = TrainingConfig(
+        batch_size=16, micro_batch_size=16, max_epochs=12, lr_schedule="cosine", time_budget_s=32
+    )
+    loop = EpochLoop(tiny_model, data, config, tmp_path)
+    assert loop.planned_epochs == 12  # nothing measured yet: max_epochs
+    loop.state.epoch, loop.state.train_seconds = 2, 10.0
+    loop._plan_on_the_clock()
+    assert loop.planned_epochs == 6  # 5 s an epoch, 22 s left: four more
+    assert learning_rate_at(config, 4, loop.planned_epochs) == pytest.approx(0.0005)
+    loop.state.train_seconds = 2.0
+    loop._plan_on_the_clock()
+    assert loop.planned_epochs == 12  # 1 s an epoch: at most max_epochs
+    loop.state.train_seconds = 40.0
+    loop._plan_on_the_clock()
+    assert loop.planned_epochs == 2  # over budget: the run ends here
+    with pytest.raises(ValueError, match="time_budget_s"):
+        TrainingConfig(time_budget_s=-1)
+
+
+def test_a_run_out_of_time_ends_finished_after_the_epochs_that_fit(
+    tmp_path: Path, data: TrainData
+) -> None:
+    config = TrainingConfig(batch_size=16, micro_batch_size=16, max_epochs=5, time_budget_s=1e-6)
+    reported = []
+    state = EpochLoop(tiny_model, data, config, tmp_path).run(
+        lambda metrics, _: reported.append(metrics)
+    )
+    assert [m["epoch"] for m in reported] == [1]
+    assert reported[0]["planned_epochs"] == 1 and state.planned_epochs == 1
+    # Resumed, it does not train again.
+    again = EpochLoop(tiny_model, data, config, tmp_path / "more", resume_from=tmp_path)
+    assert again.run(lambda metrics, _: reported.append(metrics)).epoch == 1
+    assert len(reported) == 1
+
+
 def test_loop_checkpoints_every_epoch_and_keeps_the_best(tmp_path: Path, data: TrainData) -> None:
     reported = []
     loop = EpochLoop(
