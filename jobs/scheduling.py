@@ -5,7 +5,11 @@ epochs of a quarter of them are not the same work: the coursework DNN, trained o
 that its accuracy answers coursework question 2, reached about 0.44 at the 8th epoch, where the
 CNNs explored on a quarter of the rows sat at 0.40 (2026-12-03 budget search); ranked together,
 it would set the first rung's cut-off and stop the CNNs. A trial of another fidelity runs to its
-own end (its `max_epochs`, the time budget) and leaves the rungs to the others.
+own end (its `max_epochs`, the time budget) and leaves the rungs to the others. So does a
+plan named in `unranked`, whatever its fidelity: where the explored share is every row (a small
+data set, `jobs.search.EXPLORE_MIN_ROWS`), the coursework DNN is on the explored fidelity, and
+on 20 % of the data it stopped the known-good CNN at the first rung (2026-12-04 22:31,
+BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -18,14 +22,19 @@ from jobs.trial import plan_of
 
 
 class SameFidelityASHA(AsyncHyperBandScheduler):
-    """`ASHAScheduler` whose rungs hold only trials on `train_fraction` of the rows."""
+    """`ASHAScheduler` whose rungs hold only trials on `train_fraction` of the rows, less the
+    plans named in `unranked`."""
 
-    def __init__(self, train_fraction: float, **asha: Any) -> None:
+    def __init__(self, train_fraction: float, unranked: tuple[str, ...] = (), **asha: Any) -> None:
         super().__init__(**asha)
         self.train_fraction = float(train_fraction)
+        self.unranked = tuple(unranked)
 
     def ranks(self, trial: Any) -> bool:
-        fraction = float(plan_of(trial.config)["training"].get("train_fraction", 1.0))
+        plan = plan_of(trial.config)
+        if plan.get("name") in self.unranked:
+            return False
+        fraction = float(plan["training"].get("train_fraction", 1.0))
         return abs(fraction - self.train_fraction) < 1e-9
 
     def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:

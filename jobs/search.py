@@ -664,6 +664,7 @@ def _fit(
 
     from jobs.restore import CheckpointRepair
     from jobs.scheduling import SameFidelityASHA
+    from jobs.space import UNRANKED_POINTS
     from jobs.trial import sweep_workdirs, train_trial
 
     trainable = tune.with_resources(
@@ -680,6 +681,7 @@ def _fit(
         if ranked_fraction is not None:
             trial_scheduler = SameFidelityASHA(
                 ranked_fraction,
+                UNRANKED_POINTS,
                 metric="val_accuracy",
                 mode="max",
                 time_attr="training_iteration",

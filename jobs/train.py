@@ -128,7 +128,7 @@ def train(settings: TrainSettings) -> dict[str, Any]:
                 {
                     k: float(v)
                     for k, v in metrics.items()
-                    if k not in {"epoch", "micro_batch_size", "oom_retries"}
+                    if k not in {"epoch", "micro_batch_size", "oom_retries", "planned_epochs"}
                 },
                 step=epoch,
             )

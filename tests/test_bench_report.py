@@ -38,3 +38,19 @@ def test_the_kerastuner_target_is_its_own_best_and_a_miss_counts_the_budget() ->
     # A fixed target both may miss.
     fixed = compare([(30.0, 0.31)], kerastuner, 600.0, target=0.5)
     assert fixed["kerastuner_time_to_target_ratio"] == 1.0
+
+
+def test_the_recipes_compared_are_the_known_good_cnn_with_fields_replaced() -> None:
+    import pytest
+
+    from bench.bench_recipes import RECIPES, recipe_config
+    from jobs.space import FAST_CNN
+
+    assert recipe_config("fast-cnn") == FAST_CNN
+    older = recipe_config("strong-dropout-0.3")
+    assert older.dropout == 0.3 and older.augmentation.rotation > 0
+    assert older.filters == FAST_CNN.filters
+    configs = [recipe_config(name) for name in RECIPES]
+    assert all(a != b for i, a in enumerate(configs) for b in configs[i + 1 :])
+    with pytest.raises(ValueError, match="fast-cnn"):
+        recipe_config("vgg")

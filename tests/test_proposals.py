@@ -32,7 +32,13 @@ from jobs.search import (
     final_plans,
 )
 from jobs.settings import SearchSettings
-from jobs.space import FAST_CNN, fast_cnn_point, fixed_points, model_from_params
+from jobs.space import (
+    FAST_CNN,
+    UNRANKED_POINTS,
+    fast_cnn_point,
+    fixed_points,
+    model_from_params,
+)
 from jobs.timing import Calibration
 
 
@@ -176,8 +182,9 @@ def test_the_fixed_points_run_first_then_the_model_based_searcher() -> None:
 
 def test_asha_ranks_only_the_trials_of_its_fidelity() -> None:
     def trial(trial_id: str, fraction: float) -> SimpleNamespace:
+        training = {"train_fraction": fraction}
         return SimpleNamespace(
-            trial_id=trial_id, config={"trial": {"training": {"train_fraction": fraction}}}
+            trial_id=trial_id, config={"trial": {"name": trial_id, "training": training}}
         )
 
     def scheduler() -> SameFidelityASHA:
@@ -202,6 +209,23 @@ def test_asha_ranks_only_the_trials_of_its_fidelity() -> None:
         asha.on_trial_add(None, t)
     assert asha.on_trial_result(None, first, {**at_rung, "val_accuracy": 0.45}) == "CONTINUE"
     assert asha.on_trial_result(None, second, {**at_rung, "val_accuracy": 0.30}) == "STOP"
+    # Where every explored trial sees every row, the coursework DNN shares their fidelity: it
+    # is left out by name (on 20 % of the data it stopped the known-good CNN at the rung).
+    asha = SameFidelityASHA(
+        1.0,
+        UNRANKED_POINTS,
+        metric="val_accuracy",
+        mode="max",
+        max_t=30,
+        grace_period=2,
+        reduction_factor=3,
+    )
+    dnn, cnn = trial("dnn-matched", 1.0), trial("cnn-fast", 1.0)
+    for t in (dnn, cnn):
+        asha.on_trial_add(None, t)
+    rung = {"training_iteration": 2}
+    assert asha.on_trial_result(None, dnn, {**rung, "val_accuracy": 0.34}) == "CONTINUE"
+    assert asha.on_trial_result(None, cnn, {**rung, "val_accuracy": 0.20}) == "CONTINUE"
 
 
 def test_a_restored_searcher_continues_where_it_stopped(tmp_path: Path) -> None:

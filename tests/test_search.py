@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import time
 from pathlib import Path
 
 import mlflow
@@ -414,3 +415,40 @@ def test_a_trial_restores_from_a_checkpoint_tune_deleted(tmp_path: Path, ray_ses
     (result,) = restored.fit()
     assert result.error is None, result.error
     assert result.metrics["epoch"] == 3 and result.metrics["restored_from"] == 2
+
+
+def test_the_final_trains_the_best_config_until_its_share_of_the_budget_is_spent(
+    tmp_path: Path, tracking: MlflowClient, ray_session: None
+) -> None:
+    """The final phase goes on with the best explored config on every row and plans its epochs
+    on its measured epoch time: it ends on its own, finished, inside the budget, with epochs
+    far below the cap."""
+    data = write_fer_csv(tmp_path / "fer.csv")
+    settings = SearchSettings(
+        data=str(data),
+        families="dnn",
+        num_samples=3,
+        max_epochs=1000,  # the cap: the clock binds first
+        time_budget_min=2.0,
+        final_budget_share=0.5,
+        final_trials=1,
+        grace_epochs=1,
+        cpus_per_trial=1,
+        storage=str(tmp_path / "tune"),
+        name="t-final",
+        register=False,
+    )
+    started = time.time()
+    result = run_search(settings)
+
+    runs = child_runs(tracking, result.parent_run_id)
+    (final,) = [run for run in runs if run.data.params.get("phase") == "final"]
+    assert final.info.run_name.endswith("-final")
+    assert final.data.tags[layout.TAG_STATUS] == "finished", final.data.tags
+    epochs = int(final.data.tags[layout.TAG_EPOCHS_DONE])
+    assert 1 <= epochs < settings.max_epochs
+    budget_s = float(final.data.params["time_budget_s"])
+    assert 0 < budget_s < 60  # its share, less the margin and the setup
+    trained_s = (final.info.end_time - final.info.start_time) / 1000
+    assert trained_s < budget_s + 30, (trained_s, budget_s)  # setup and logging besides
+    assert time.time() - started < 120 + 90  # the search as a whole: its budget, then tracking
