@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from jobs.space import AUGMENTATIONS
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "recipes.json"
@@ -27,10 +30,7 @@ RESULTS = ROOT / "bench" / "results" / "recipes.json"
 RECIPES: dict[str, dict[str, Any]] = {
     "fast-cnn": {},
     # The known-good point until 2026-12-04 (underfitted in an hour: BENCHMARKS.md).
-    "strong-dropout-0.3": {
-        "dropout": 0.3,
-        "augmentation": {"flip": True, "shift": 0.1, "rotation": 0.05, "zoom": 0.1},
-    },
+    "strong-dropout-0.3": {"dropout": 0.3, "augmentation": AUGMENTATIONS["strong"]},
     "shift-dropout-0.2": {"dropout": 0.2, "augmentation": {"flip": True, "shift": 0.1}},
 }
 
@@ -74,33 +74,39 @@ def run(data: str, names: list[str], epochs: int, fraction: float, seed: int) ->
     for name in names:
         recipe_config(name)  # a bad name fails before anything trains
     started = time.time()
-    processes = {
-        name: subprocess.Popen(
-            [sys.executable, "-m", "bench.bench_recipes", "--worker", name, "--data", data]
-            + ["--epochs", str(epochs), "--fraction", str(fraction), "--seed", str(seed)],
-            cwd=ROOT,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for name in names
-    }
     results: dict[str, Any] = {}
-    for name, process in processes.items():
-        out, err = process.communicate()
-        if process.returncode != 0:
-            tail = "\n".join(err.strip().splitlines()[-5:])
-            raise RuntimeError(f"recipe {name} exited {process.returncode}:\n{tail}")
-        history = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
-        results[name] = {
-            "model": RECIPES[name],
-            "history": history,
-            "best_val_accuracy": max(row["val_accuracy"] for row in history),
-            "median_images_per_second": sorted(r["images_per_second"] for r in history)[
-                len(history) // 2
-            ],
-        }
-        print(f"{name}: best val_accuracy {results[name]['best_val_accuracy']:.4f}", flush=True)
+    with tempfile.TemporaryDirectory() as logs:
+        # stderr (TensorFlow's logs) to files: a full pipe would stall a worker while the
+        # driver waits on another.
+        errors = {name: Path(logs) / f"{name}.err" for name in names}
+        processes = {}
+        for name in names:
+            with open(errors[name], "w") as err:  # the child keeps its own descriptor
+                processes[name] = subprocess.Popen(
+                    [sys.executable, "-m", "bench.bench_recipes", "--worker", name]
+                    + ["--data", data, "--epochs", str(epochs), "--fraction", str(fraction)]
+                    + ["--seed", str(seed)],
+                    cwd=ROOT,
+                    stdout=subprocess.PIPE,
+                    stderr=err,
+                    text=True,
+                )
+        for name, process in processes.items():
+            out, _ = process.communicate()
+            if process.returncode != 0:
+                tail = "\n".join(errors[name].read_text().strip().splitlines()[-5:])
+                raise RuntimeError(f"recipe {name} exited {process.returncode}:\n{tail}")
+            history = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+            results[name] = {
+                "model": RECIPES[name],
+                "history": history,
+                "best_val_accuracy": max(row["val_accuracy"] for row in history),
+                "median_images_per_second": statistics.median(
+                    row["images_per_second"] for row in history
+                ),
+            }
+            best = results[name]["best_val_accuracy"]
+            print(f"{name}: best val_accuracy {best:.4f}", flush=True)
     return {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(started)),
         "epochs": epochs,
