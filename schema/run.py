@@ -76,6 +76,22 @@ TAG_CHAMPION_RUN = "fer.champion_run_id"
 # On a coursework model (SEED2017, its param-matched DNN) the budget could not train: why.
 TAG_COURSEWORK_NOTE = "fer.coursework_note"
 
+# Values and params of trial runs that viz/ reads (jobs/proposals.py, jobs/tracking.py and
+# jobs/space.py write the same strings).
+PLAN_SEED2017 = "seed2017"  # the coursework CNN's plan: its run name and `fer.plan_name`
+PHASE_FINAL = "final"  # `fer.phase` of a trial trained on every row after the exploration
+# A final trial's param: the plan name (= run name) of the explored trial whose best-epoch
+# weights it started from.
+PARAM_WARM_START_FROM = "warm_start_from"
+PARAM_TRAIN_FRACTION = "train_fraction"
+PARAM_TIME_BUDGET_MIN = "search.time_budget_min"  # on the search parent (its settings)
+# `fer.trial_status` values.
+STATUS_FINISHED = "finished"
+STATUS_EARLY_STOPPED = "early_stopped"
+STATUS_FAILED = "failed"
+STATUS_DOES_NOT_FIT = "does_not_fit"
+STATUS_OVER_BUDGET = "over_budget"
+
 
 def run_config(
     name: str,

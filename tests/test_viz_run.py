@@ -51,7 +51,6 @@ def test_end_to_end_auto_run_logs_figures_and_report(
     assert summary["run_id"] == search.cnn_run_id
     logged = h.artifact_paths(client, search.cnn_run_id)
     expected = {
-        "figures/architecture.png",
         "figures/learning_curves.png",
         "figures/confusion_matrix.png",
         "figures/saliency.png",
@@ -79,11 +78,11 @@ def test_end_to_end_auto_run_logs_figures_and_report(
     assert set(summary["sanity_spearman"]) == {"vanilla", "SmoothGrad", "Grad-CAM"}
     assert summary["gradcam_layer"] == "conv_2"
     report = (out / "report.md").read_text()
-    assert f"run {search.cnn_run_id}" in report
+    assert f"run `{search.cnn_run_id}`" in report
     assert f"{search.dnn_param_count:,}" in report  # question 2 names the DNN's size
     assert "differs from the recorded" not in report
     html = (out / "report.html").read_text()
-    assert html.count('src="data:image/png;base64,') == 9
+    assert html.count('src="data:image/png;base64,') == 8
 
 
 def test_cli_on_dnn_run_uses_recorded_source_and_skips_gradcam(
@@ -133,7 +132,7 @@ def test_cli_on_dnn_run_uses_recorded_source_and_skips_gradcam(
     assert not any(p.startswith("figures/filters_") for p in logged)
     assert (tmp_path / "viz_out" / "report.html").is_file()
     report = (tmp_path / "viz_out" / "report.md").read_text()
-    assert "Grad-CAM is skipped" in report and "no filters to visualise" in report
+    assert "no Grad-CAM: a DNN has no conv layer" in report and "no filters to visualise" in report
 
 
 def test_select_run_prefers_best_run_id_tag(search: h.SearchFixture, client) -> None:

@@ -1,4 +1,9 @@
-"""Architecture table and learning curves of the best CNN and DNN of a search."""
+"""Layer table of a model, and learning curves of the search's best CNN and DNN.
+
+A final trial continued an explored trial's weights: its curve is the whole path, the
+explored epochs (on a share of the rows), then the final ones (on every row), the boundary
+marked.
+"""
 
 from __future__ import annotations
 
@@ -7,19 +12,19 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from matplotlib.table import Table
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
 from schema.run import TAG_COURSEWORK_NOTE, TAG_FAMILY
 from viz.plotting import plt, save_figure
-from viz.runs import BEST_METRIC, TAG_PARENT, parent_run_id
+from viz.recipe import explored_of
+from viz.runs import BEST_METRIC
 
 FAMILY_COLOURS = {"cnn": "tab:blue", "dnn": "tab:orange"}
 _OTHER_COLOURS = ["tab:green", "tab:red", "tab:purple", "tab:brown"]
 
 
-# ---------------------------------------------------------------- architecture table
+# ---------------------------------------------------------------- layer table
 
 
 @dataclass(frozen=True)
@@ -55,47 +60,6 @@ def param_counts(model: Any) -> tuple[int, int]:
     return int(model.count_params()), trainable
 
 
-def plot_architecture(model: Any, path: str | Path, title: str) -> Path:
-    """The model summary as a table figure."""
-    rows = architecture_rows(model)
-    total, trainable = param_counts(model)
-    cells = [[r.name, r.kind, r.output_shape, f"{r.params:,}"] for r in rows]
-    cells.append(["total", "", f"trainable {trainable:,}", f"{total:,}"])
-    row_inches = 0.3
-    table_inches = row_inches * (len(cells) + 1)
-    fig = plt.figure(figsize=(10, table_inches + 0.8))
-    # The axes is exactly the table's box below the title, so rows never stretch or leave gaps.
-    ax = fig.add_axes((0.04, 0.1 / (table_inches + 0.8), 0.92, table_inches / (table_inches + 0.8)))
-    ax.axis("off")
-    # Built cell by cell: only add_cell sets alignment per cell (numbers right-aligned).
-    table = Table(ax, bbox=(0, 0, 1, 1))
-    widths = (0.32, 0.24, 0.26, 0.18)
-    lines = [["layer", "type", "output shape", "params"], *cells]
-    for row, line in enumerate(lines):
-        for col, text in enumerate(line):
-            cell = table.add_cell(
-                row,
-                col,
-                widths[col],
-                1 / len(lines),
-                text=text,
-                loc="right" if col == 3 else "left",
-            )
-            if row == 0:
-                cell.set_facecolor("#dbe5f1")
-                cell.set_text_props(weight="bold")
-            elif row == len(lines) - 1:
-                cell.set_facecolor("#f2f2f2")
-                cell.set_text_props(weight="bold")
-            elif row % 2 == 0:
-                cell.set_facecolor("#fafafa")
-    table.auto_set_font_size(False)
-    table.set_fontsize(10)
-    ax.add_table(table)
-    fig.suptitle(title, fontsize=12, y=1 - 0.15 / (table_inches + 0.8))
-    return save_figure(fig, path)
-
-
 # ---------------------------------------------------------------- learning curves
 
 
@@ -107,21 +71,28 @@ class FamilyRun:
     family: str
     best_val_accuracy: float | None
     param_count: int | None
-    is_target: bool = False
+    mark: str = ""  # what the report calls it ("question 1", "champion"), if anything
+    name: str = ""  # the run's name
+
+
+def _empty() -> tuple[np.ndarray, np.ndarray]:
+    return np.zeros(0), np.zeros(0)
 
 
 @dataclass
 class Curve:
     run: FamilyRun
-    accuracy: tuple[np.ndarray, np.ndarray] = field(
-        default_factory=lambda: (np.zeros(0), np.zeros(0))
-    )
-    val_accuracy: tuple[np.ndarray, np.ndarray] = field(
-        default_factory=lambda: (np.zeros(0), np.zeros(0))
-    )
+    accuracy: tuple[np.ndarray, np.ndarray] = field(default_factory=_empty)
+    val_accuracy: tuple[np.ndarray, np.ndarray] = field(default_factory=_empty)
+    # Epochs of the explored trial a final continued (its curve starts there), else None.
+    explored_epochs: int | None = None
+
+    @property
+    def empty(self) -> bool:
+        return len(self.accuracy[0]) == 0 and len(self.val_accuracy[0]) == 0
 
 
-def _family_run(run: Run, is_target: bool) -> FamilyRun:
+def family_run(run: Run, mark: str = "") -> FamilyRun:
     params, metrics, tags = run.data.params, run.data.metrics, run.data.tags
     family = tags.get(TAG_FAMILY) or params.get("family") or "unknown"
     try:
@@ -133,27 +104,16 @@ def _family_run(run: Run, is_target: bool) -> FamilyRun:
         family=family,
         best_val_accuracy=metrics.get(BEST_METRIC),
         param_count=count,
-        is_target=is_target,
+        mark=mark,
+        name=run.info.run_name or "",
     )
 
 
-def best_runs_by_family(client: MlflowClient, target: Run) -> dict[str, FamilyRun]:
-    """Best `best_val_accuracy` child run per family of the target's parent search.
-
-    A standalone run (no parent) is its own only entry.
-    """
-    parent = parent_run_id(target)
-    if parent is None:
-        entry = _family_run(target, True)
-        return {entry.family: entry}
-    children = client.search_runs(
-        [target.info.experiment_id],
-        filter_string=f"tags.`{TAG_PARENT}` = '{parent}'",
-        max_results=5000,
-    )
+def best_runs_by_family(children: list[Run]) -> dict[str, FamilyRun]:
+    """Best `best_val_accuracy` run per family among a search's runs (`children`)."""
     best: dict[str, FamilyRun] = {}
     for child in children:
-        entry = _family_run(child, child.info.run_id == target.info.run_id)
+        entry = family_run(child)
         if entry.best_val_accuracy is None:
             continue
         current = best.get(entry.family)
@@ -162,16 +122,8 @@ def best_runs_by_family(client: MlflowClient, target: Run) -> dict[str, FamilyRu
     return best
 
 
-def coursework_notes(client: MlflowClient, target: Run) -> list[str]:
+def coursework_notes(children: list[Run]) -> list[str]:
     """What the search said of the coursework models its budget could not train."""
-    parent = parent_run_id(target)
-    if parent is None:
-        return []
-    children = client.search_runs(
-        [target.info.experiment_id],
-        filter_string=f"tags.`{TAG_PARENT}` = '{parent}'",
-        max_results=5000,
-    )
     return sorted(
         run.data.tags[TAG_COURSEWORK_NOTE]
         for run in children
@@ -191,36 +143,54 @@ def metric_series(client: MlflowClient, run_id: str, key: str) -> tuple[np.ndarr
     return steps, values
 
 
+def _joined(
+    first: tuple[np.ndarray, np.ndarray], second: tuple[np.ndarray, np.ndarray], offset: int
+) -> tuple[np.ndarray, np.ndarray]:
+    return np.concatenate([first[0], second[0] + offset]), np.concatenate([first[1], second[1]])
+
+
+def whole_history(client: MlflowClient, entry: FamilyRun, children: list[Run]) -> Curve:
+    """A run's accuracy per epoch; a final trial's preceded by its explored trial's epochs."""
+    run = next((c for c in children if c.info.run_id == entry.run_id), None)
+    own = [metric_series(client, entry.run_id, k) for k in ("accuracy", "val_accuracy")]
+    explored = explored_of(run, children) if run is not None else None
+    if explored is None:
+        return Curve(entry, own[0], own[1])
+    before = [metric_series(client, explored.info.run_id, k) for k in ("accuracy", "val_accuracy")]
+    offset = int(max([0, *before[0][0], *before[1][0]]))
+    return Curve(
+        entry,
+        _joined(before[0], own[0], offset),
+        _joined(before[1], own[1], offset),
+        explored_epochs=offset,
+    )
+
+
 def collect_curves(
-    client: MlflowClient, target: Run, best: dict[str, FamilyRun] | None = None
+    client: MlflowClient, entries: list[FamilyRun], children: list[Run]
 ) -> list[Curve]:
-    """Curves of the best run per family (`best`, else queried), plus the target run when it
-    is not one of them."""
-    best = best_runs_by_family(client, target) if best is None else best
-    runs = sorted(best.values(), key=lambda r: r.family)
-    if not any(r.run_id == target.info.run_id for r in runs):
-        runs.append(_family_run(target, True))
-    curves = []
-    for entry in runs:
-        curves.append(
-            Curve(
-                run=entry,
-                accuracy=metric_series(client, entry.run_id, "accuracy"),
-                val_accuracy=metric_series(client, entry.run_id, "val_accuracy"),
-            )
-        )
-    return curves
+    """The whole history of each run in `entries` that logged per-epoch metrics (an ensemble
+    logs none: it has no line to draw, so no legend entry either)."""
+    found = [whole_history(client, entry, children) for entry in entries]
+    return [curve for curve in found if not curve.empty]
 
 
-def _label(run: FamilyRun) -> str:
+def _label(curve: Curve) -> str:
+    run = curve.run
     params = "? params" if run.param_count is None else f"{run.param_count:,} params"
     best = "" if run.best_val_accuracy is None else f", best val {run.best_val_accuracy:.3f}"
-    mark = " (visualised)" if run.is_target else ""
-    return f"{run.family.upper()} {run.run_id[:8]}: {params}{best}{mark}"
+    mark = f" ({run.mark})" if run.mark else ""
+    name = run.name or run.run_id[:8]
+    phases = ""
+    if curve.explored_epochs is not None:
+        final = int(len(curve.val_accuracy[0]) or len(curve.accuracy[0])) - curve.explored_epochs
+        phases = f"; {curve.explored_epochs} explored + {max(final, 0)} final epochs"
+    return f"{run.family.upper()} {name}: {params}{best}{phases}{mark}"
 
 
 def plot_learning_curves(curves: list[Curve], path: str | Path, title: str) -> Path:
-    """Training and validation accuracy per epoch, one line per run."""
+    """Training and validation accuracy per epoch, one line per run; a dotted line where a
+    final trial's epochs on every row begin."""
     if not curves:
         raise ValueError("plot_learning_curves: expected at least one run's curves, found none")
     fig, axes = plt.subplots(1, 2, figsize=(13, 5), sharey=True)
@@ -231,17 +201,29 @@ def plot_learning_curves(curves: list[Curve], path: str | Path, title: str) -> P
         if not colour or colour in used:  # unknown family, or a family's second run
             colour = next(spare, "black")
         used.add(colour)
-        style = dict(color=colour, linewidth=2, label=_label(curve.run))
+        style = dict(color=colour, linewidth=2, label=_label(curve))
         for ax, (steps, values) in zip(axes, (curve.accuracy, curve.val_accuracy), strict=True):
             marker = "o" if len(steps) <= 30 else None
             ax.plot(steps, values, marker=marker, markersize=4, **style)
+            if curve.explored_epochs is not None:
+                boundary = curve.explored_epochs + 0.5
+                ax.axvline(boundary, color=colour, linestyle=":", linewidth=1.5)
+                ax.annotate(
+                    "final, every row →",
+                    (boundary, 0.02),
+                    xycoords=("data", "axes fraction"),
+                    xytext=(4, 0),
+                    textcoords="offset points",
+                    fontsize=8,
+                    color=colour,
+                )
     for ax, name in zip(axes, ("training accuracy", "validation accuracy"), strict=True):
         ax.set_title(name)
         ax.set_xlabel("epoch")
         ax.grid(True, alpha=0.3)
         ax.xaxis.get_major_locator().set_params(integer=True)
     axes[0].set_ylabel("accuracy")
-    if all(len(c.accuracy[0]) == 0 and len(c.val_accuracy[0]) == 0 for c in curves):
+    if all(c.empty for c in curves):
         for ax in axes:
             ax.text(0.5, 0.5, "no per-epoch metrics logged", ha="center", transform=ax.transAxes)
     handles, labels = axes[1].get_legend_handles_labels()
