@@ -92,7 +92,6 @@ def test_cli_on_dnn_run_uses_recorded_source_and_skips_gradcam(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    import mlflow
 
     # The default --data (data/fer2013.csv) does not exist in this folder: the source
     # recorded in config.json is used, and its hash is checked.
@@ -227,65 +226,3 @@ def test_missing_run_model_or_data_is_refused(search, client, tmp_path: Path) ->
 
     wrong_layer = fast(run_id=search.cnn_run_id, data=str(search.csv_path), layers="dense_9")
     _assert_refused(client, search.cnn_run_id, wrong_layer, "dense_9")
-
-
-def test_an_ensemble_champion_is_visualised_with_its_members(tmp_path: Path) -> None:
-    """The search's ensemble as viz sees it: confusion and saliency on the ensemble, filters
-    of its strongest CNN member, the report-half table, and the held-out rows' accuracy."""
-    import keras
-
-    from jobs.ensemble import build_and_log
-    from schema import run as layout
-
-    with h.environ(FER2013_CACHE_DIR=str(tmp_path / "cache")):
-        search = h.build_search(tmp_path / "store", "viz-ensemble")
-    client = MlflowClient(search.tracking_uri)
-    images, labels, usage = h.load_csv_arrays(search.csv_path)
-    public = usage == "PublicTest"
-    x_val, y_val = images[public], labels[public]
-    for run_id in (search.cnn_run_id, search.dnn_run_id):
-        files = layout.download_model_files(client, run_id, tmp_path / run_id)
-        model = keras.saving.load_model(files["model"], safe_mode=True)
-        npz = tmp_path / f"{run_id}.npz"
-        np.savez(
-            npz,
-            probabilities=model.predict(x_val, verbose=0),
-            probabilities_flipped=model.predict(x_val[:, :, ::-1], verbose=0),
-            labels=y_val,
-            epoch=np.int64(1),
-        )
-        layout.log_predictions(client, run_id, npz)
-        client.set_tag(run_id, layout.TAG_MODEL_URI, f"runs:/{run_id}/model")
-    trials = [client.get_run(r) for r in (search.cnn_run_id, search.dnn_run_id)]
-    config = json.loads((tmp_path / search.cnn_run_id / "model" / "config.json").read_text())
-    mlflow.set_tracking_uri(search.tracking_uri)  # the MLflow Keras flavour logs through it
-    try:
-        outcome = build_and_log(
-            client, search.experiment_id, search.parent_id, trials, x_val, y_val, config["data"], 5
-        )
-    finally:
-        mlflow.set_tracking_uri(None)
-    assert outcome is not None
-    client.set_tag(search.parent_id, layout.TAG_CHAMPION_RUN, outcome.run_id)
-
-    with h.environ(
-        FER2013_CACHE_DIR=str(tmp_path / "cache"),
-        MLFLOW_EXPERIMENT_NAME="viz-ensemble",
-        MLFLOW_EXPERIMENT_ID=None,
-    ):
-        summary = run_viz(fast(data="", out=str(tmp_path / "out")), client)
-    assert summary["run_id"] == outcome.run_id  # the champion tag wins over best_run_id
-    assert summary["family"] == "ensemble"
-    assert summary["gradcam_layer"] is None
-    report = (tmp_path / "out" / "report.md").read_text()
-    assert "Champion: an ensemble" in report
-    assert "ensemble + flip" in report
-    members = outcome.choice.chosen.members
-    if any(outcome.candidates[m].family == "cnn" for m in members):
-        assert summary["filter_layers"], summary
-        assert "strongest CNN member" in report
-    else:
-        assert not summary["filter_layers"]
-        assert "No member of the ensemble has a conv layer" in report
-    # The tiny file has PrivateTest rows: the champion's held-out accuracy is reported.
-    assert "Held-out test accuracy (PrivateTest" in report

@@ -106,7 +106,10 @@ def _summary(facts: ReportFacts, is_champion: bool) -> list[Block]:
 
 
 def _search_sentence(search: SearchFacts) -> str:
-    took = f"{search.minutes:.0f} minutes" if search.minutes is not None else "an unknown time"
+    if search.minutes is None:
+        took = "an unknown time"
+    else:
+        took = f"{search.minutes:.0f} minutes" if search.minutes >= 1 else "under a minute"
     budget = f" of a {search.budget_minutes:g}-minute budget" if search.budget_minutes else ""
     statuses = ", ".join(
         f"{n} {status.replace('_', ' ')}" for status, n in sorted(search.statuses.items())
