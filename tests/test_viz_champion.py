@@ -194,6 +194,8 @@ def test_an_ensemble_champion_report_answers_question_1_for_a_cnn(
     assert whole.val_accuracy[1][:EXPLORED_EPOCHS].tolist() == pytest.approx([0.1, 0.2, 0.3])
 
     html = (out / "report.html").read_text()
-    assert html.count("<img ") == html.count('src="data:image/png;base64,') == len(
-        [a for a in summary["artifacts"] if a.startswith("figures/")]
+    assert (
+        html.count("<img ")
+        == html.count('src="data:image/png;base64,')
+        == len([a for a in summary["artifacts"] if a.startswith("figures/")])
     )
