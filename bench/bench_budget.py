@@ -67,6 +67,9 @@ def summarise(tracking_uri: str, experiment: str) -> dict[str, Any]:
                     run.data.params.get("estimated_epoch_seconds", 0) or 0
                 ),
                 "train_fraction": float(run.data.params.get("train_fraction", 1) or 1),
+                "estimated_memory_mb": _host_estimate(run.data.params),
+                "peak_memory_mb": run.data.metrics.get("peak_memory_mb"),
+                "memory_over_reservation": run.data.tags.get(layout.TAG_MEMORY_OVER, ""),
             }
         )
     dnn = [
@@ -82,6 +85,10 @@ def summarise(tracking_uri: str, experiment: str) -> dict[str, Any]:
         "reference_images_per_second": metrics.get("reference_images_per_second"),
         "budget_trials_started": metrics.get("budget_trials_started"),
         "epoch_time_estimate_median_abs_err": metrics.get("epoch_time_estimate_median_abs_err"),
+        # The trial memory estimate against the trials' measured peaks, that search's parent.
+        "budget_memory_estimate_median_abs_err": metrics.get("memory_estimate_median_abs_err"),
+        "budget_trials_over_reservation": sum(bool(t["memory_over_reservation"]) for t in trials),
+        "budget_runtime_memory_mb": metrics.get("runtime_memory_mb"),
         "dnn_best_val_accuracy": max(dnn) if dnn else None,
         "budget_minutes": float(parent.data.params.get("search.time_budget_min", "nan")),
         "budget_wall_minutes": (end - parent.info.start_time) / 60000,
@@ -95,6 +102,12 @@ def summarise(tracking_uri: str, experiment: str) -> dict[str, Any]:
         "budget_trials_stopped_by_scheduler": sum(t["stop_reason"] == "scheduler" for t in trials),
         **_ensemble(ensembles, parent.data.tags),
     }
+
+
+def _host_estimate(params: dict[str, str]) -> float | None:
+    """The host memory a trial was placed with (older runs logged the whole estimate only)."""
+    value = params.get("estimated_host_memory_mb", params.get("estimated_memory_mb"))
+    return float(value) if value else None
 
 
 def _ensemble(runs: list[Any], parent_tags: dict[str, str]) -> dict[str, Any]:

@@ -1,19 +1,14 @@
-"""Check `model.memory.estimate_training_memory` against measured peak memory on CPU.
+"""The trial memory estimate against real trials: our trainable, our placement, our calibration.
 
-Each case runs in a fresh subprocess (the RSS high-water mark only grows, and TF caches):
-import TF, make the batch, build + compile the model, then reset the high-water mark
-(`/proc/self/clear_refs` = 5; falls back to the unreset mark) and take the baseline RSS, run
-a few `train_on_batch` steps, read VmHWM. measured = VmHWM - baseline + weight bytes: the
-weights already sit in the baseline (Keras creates them at build), while the estimate counts
-them, so they are added back exactly (sum of variable sizes).
+One run: the data set (`FER2013_PATH`, every row by default) goes to Ray's object store as the
+search sends it; the search's calibration measures the worker (`jobs.timing.calibrate`, two
+copies at once, as trials share the cores); then each case is planned and placed by the
+search's `Planner` (its estimate: the model's training step plus the calibrated runtime and
+the data copies, `jobs.resources.TrialOverhead`) and runs as a Ray Tune trial of
+`jobs.trial.train_trial`, two at a time, for `--epochs` epochs. Every measured figure is the
+trial's own `peak_memory_mb` (its last result: the peak over the whole trial).
 
-Noise: glibc malloc arenas keep freed blocks, so the mark creeps up from step to step and
-repeated runs of one config differ by up to ~40% (e.g. SEED2017 batch 128 sgd: 345-490 MB);
-with MALLOC_MMAP_THRESHOLD_=1048576 the same case repeats within 1% at ~225 MB (live peak).
-A case may set "env" to try such knobs. The default cases took 7.5 min on the shared 2-core
-box at load average ~7 (mostly TF start-up per subprocess); expect about half that when idle.
-
-    python bench/bench_memory.py [--json OUT] [--steps 5]
+    python -m bench.bench_memory [--json OUT] [--epochs 3] [--data-fraction 1.0]
 """
 
 from __future__ import annotations
@@ -22,8 +17,8 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -32,191 +27,158 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-MB = 1 << 20
-STEPS = 5  # the estimator's constants were fitted to 5-step peaks
-WORKER_TIMEOUT_S = 240
-
-# name, model config (config_to_dict form, or "seed2017"), batch size, optimizer.
+EPOCHS = 3
+CONCURRENT = 2
+# A quarter of the rows, as the search explores; `rows: 1.0` cases train on every row.
+EXPLORE_ROWS = 0.25
 _TINY = {"family": "cnn", "filters": [8, 16, 32], "convs_per_block": 1, "dense_units": []}
-_BN_AUG = {
+_RESIDUAL = {
     "family": "cnn",
     "filters": [32, 64, 128],
+    "convs_per_block": 2,
     "batch_norm": True,
+    "residual": True,
+    "head_pooling": "global_avg",
+    "dense_units": [128],
     "normalization": "standardize",
-    "augmentation": {"flip": True, "shift": 0.1, "rotation": 0.05, "zoom": 0.1},
+    "augmentation": {"flip": True, "crop": 4},
 }
-_CNN_10M = {"family": "cnn", "filters": [64, 128, 256, 512], "dense_units": [1024]}
-_DNN_3M = {"family": "dnn", "hidden_units": [803, 803, 803]}  # param_matched_dnn(3146503)
-_DNN_BN = {"family": "dnn", "hidden_units": [2048, 1024], "batch_norm": True}
-# name, model config (config_to_dict form, or "seed2017"), batch size, optimizer.
+_DNN_WIDE = {"family": "dnn", "hidden_units": [2048, 1024], "batch_norm": True}
+# name, model ("fast-cnn", "seed2017", "dnn-matched" or a config_to_dict form), training.
 DEFAULT_CASES: list[dict[str, Any]] = [
-    {"name": "cnn-tiny", "model": _TINY, "batch": 32, "optimizer": "adam"},
-    {"name": "cnn-tiny", "model": _TINY, "batch": 256, "optimizer": "adam"},
-    {"name": "seed2017", "model": "seed2017", "batch": 32, "optimizer": "adam"},
-    {"name": "seed2017", "model": "seed2017", "batch": 128, "optimizer": "adam"},
-    {"name": "seed2017", "model": "seed2017", "batch": 128, "optimizer": "sgd"},
-    {"name": "cnn-bn-aug", "model": _BN_AUG, "batch": 32, "optimizer": "adam"},
-    {"name": "cnn-10M", "model": _CNN_10M, "batch": 32, "optimizer": "adam"},
-    {"name": "dnn-3M", "model": _DNN_3M, "batch": 32, "optimizer": "adam"},
-    {"name": "dnn-3M", "model": _DNN_3M, "batch": 1024, "optimizer": "rmsprop"},
-    {"name": "dnn-bn", "model": _DNN_BN, "batch": 256, "optimizer": "adam"},
+    {"name": "cnn-fast", "model": "fast-cnn", "batch": 64, "optimizer": "adam"},
+    {
+        "name": "cnn-fast-all-rows",
+        "model": "fast-cnn",
+        "batch": 64,
+        "optimizer": "adam",
+        "rows": 1.0,
+    },
+    {"name": "seed2017", "model": "seed2017", "batch": 64, "optimizer": "adam"},
+    {"name": "seed2017-sgd-512", "model": "seed2017", "batch": 512, "optimizer": "sgd"},
+    {"name": "dnn-matched", "model": "dnn-matched", "batch": 64, "optimizer": "adam", "rows": 1.0},
+    {"name": "dnn-wide-512", "model": _DNN_WIDE, "batch": 512, "optimizer": "adamw"},
+    {"name": "cnn-tiny-256", "model": _TINY, "batch": 256, "optimizer": "adamw", "mixup": 0.2},
+    {"name": "cnn-residual", "model": _RESIDUAL, "batch": 128, "optimizer": "sgd"},
 ]
 
 
-def _config(spec: Any) -> Any:
+def _model_dict(spec: Any) -> dict[str, Any]:
+    from jobs.space import FAST_CNN, matched_dnn
     from model.cnn import SEED2017
-    from model.configs import config_from_dict
+    from model.configs import config_to_dict
 
-    return SEED2017 if spec == "seed2017" else config_from_dict(spec)
-
-
-def _status_kb(key: str) -> int:
-    with open("/proc/self/status") as handle:
-        for line in handle:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{key} missing from /proc/self/status")
+    named = {"fast-cnn": FAST_CNN, "seed2017": SEED2017, "dnn-matched": matched_dnn()}
+    return config_to_dict(named[spec]) if isinstance(spec, str) else dict(spec)
 
 
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as handle:
-            handle.write("5")
-        return True
-    except OSError:
-        return False
+def _plan(case: dict[str, Any], epochs: int) -> Any:
+    from jobs.proposals import TrialPlan
 
-
-def _worker(case: dict[str, Any], steps: int) -> dict[str, Any]:
-    """Runs inside the fresh subprocess; returns the raw measurement."""
-    import gc
-
-    import keras
-    import numpy as np
-    import tensorflow as tf
-
-    from model.configs import build_model
-
-    keras.utils.set_random_seed(0)
-    tf.constant(1.0) + 1.0  # start the TF runtime (thread pools, allocators) before baseline
-    batch = int(case["batch"])
-    rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, size=(batch, 48, 48, 1), dtype=np.uint8)
-    labels = rng.integers(0, 7, size=(batch,), dtype=np.int64)
-    config = _config(case["model"])
-    stats = (images.mean(0).astype(np.float32), images.var(0).astype(np.float32) + 1.0)
-    model = build_model(config, stats)
-    model.compile(
-        optimizer=case["optimizer"], loss="sparse_categorical_crossentropy", metrics=["accuracy"]
-    )
-    weight_bytes = sum(int(np.prod(w.shape)) * np.dtype(w.dtype).itemsize for w in model.weights)
-    gc.collect()
-    reset = _reset_peak()
-    baseline = _status_kb("VmRSS")
-    hwm_before = _status_kb("VmHWM")
-    step_peaks = []
-    started = time.perf_counter()
-    for _ in range(steps):
-        model.train_on_batch(images, labels)
-        step_peaks.append(_status_kb("VmHWM") - baseline)
-    return {
-        "params": int(model.count_params()),
-        "weight_bytes": weight_bytes,
-        "baseline_rss": baseline,
-        "hwm_reset": reset,
-        "hwm_before": hwm_before,
-        "peak_above_baseline": step_peaks[-1],
-        "step_peaks": step_peaks,
-        "measured_bytes": step_peaks[-1] + weight_bytes,
-        "train_seconds": time.perf_counter() - started,
+    training = {
+        "batch_size": case["batch"],
+        "micro_batch_size": case["batch"],
+        "optimizer": case["optimizer"],
+        "learning_rate": 1e-3,
+        "max_epochs": epochs,
+        "seed": 2017,
+        "train_fraction": case.get("rows", EXPLORE_ROWS),
+        "mixup": case.get("mixup", 0.0),
     }
+    return TrialPlan(case["name"], _model_dict(case["model"]), training)
 
 
-def measure(case: dict[str, Any], steps: int = STEPS) -> dict[str, Any]:
-    """Run one case in a fresh subprocess and return its raw measurement."""
-    # A case may carry extra environment (e.g. MALLOC_* knobs) for experiments.
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=str(ROOT), **case.get("env", {}))
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(Path(__file__).resolve()),
-            "--worker",
-            json.dumps(case),
-            "--steps",
-            str(steps),
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=WORKER_TIMEOUT_S,
-        check=False,
-    )
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        raise RuntimeError(
-            f"case {case['name']}: worker failed rc={proc.returncode}\n{proc.stderr[-3000:]}"
-        )
-    return json.loads(lines[-1][len("RESULT ") :])
+def run(
+    cases: list[dict[str, Any]] | None = None,
+    epochs: int = EPOCHS,
+    data: str | None = None,
+    data_fraction: float = 1.0,
+) -> dict[str, Any]:
+    """Calibrate, place and run each case (DEFAULT_CASES if None) as a real trial.
 
-
-def run(configs: list[dict[str, Any]] | None = None, steps: int = STEPS) -> dict[str, Any]:
-    """Measure each case (DEFAULT_CASES if None) in a fresh subprocess, compare to the estimate.
-
-    Returns {"memory_estimate_rows": [...], "memory_estimate_median_abs_err": float}.
+    Returns {"memory_estimate_rows": [...], "memory_estimate_median_abs_err": float, ...}.
     """
-    from model.configs import build_model
-    from model.memory import estimate_training_memory
+    import ray
+    from ray import tune
 
-    cases = DEFAULT_CASES if configs is None else configs
+    from jobs.proposals import Planner
+    from jobs.resources import budget_from_nodes
+    from jobs.search import init_ray, prepare_arrays
+    from jobs.timing import calibrate
+    from jobs.trial import train_trial
+
+    source = data or os.environ.get("FER2013_PATH")
+    if not source:
+        raise ValueError("data: expected a path (or FER2013_PATH set), found neither")
+    cases = DEFAULT_CASES if cases is None else cases
+    arrays, info = prepare_arrays(source, data_fraction, 2017)
+    init_ray()
+    budget = budget_from_nodes(ray.nodes())
+    calibration = calibrate({"CPU": 1.0}, copies=CONCURRENT)
+    planner = Planner(budget, 1.0, info["train_rows"], info["val_rows"], calibration)
+    placed = {case["name"]: planner.place(_plan(case, epochs)) for case in cases}
+    print(
+        f"calibration: {calibration.reference_images_per_second:.0f} images/s, runtime "
+        f"{calibration.runtime_memory_bytes / (1 << 20):.0f} MiB; {len(cases)} trials of "
+        f"{epochs} epochs",
+        file=sys.stderr,
+        flush=True,
+    )
+    trainable = tune.with_resources(tune.with_parameters(train_trial, data=arrays), {"cpu": 1})
+    tuner = tune.Tuner(
+        trainable,
+        param_space={
+            "trial": tune.grid_search([p.tune_config()["trial"] for p in placed.values()])
+        },
+        tune_config=tune.TuneConfig(max_concurrent_trials=CONCURRENT, reuse_actors=False),
+        run_config=tune.RunConfig(
+            storage_path=tempfile.mkdtemp(prefix="fer-bench-memory-"), verbose=0
+        ),
+    )
     rows = []
-    for case in cases:
-        started = time.perf_counter()
-        raw = measure(case, steps)
-        model = build_model(_config(case["model"]), _dummy_stats())
-        estimate = estimate_training_memory(model, int(case["batch"]), case["optimizer"])
-        measured = raw["measured_bytes"]
+    for result in tuner.fit():
+        name = result.config["trial"]["name"]
+        history = result.metrics_dataframe
+        if result.error or history is None or "peak_memory_mb" not in history:
+            raise RuntimeError(f"case {name}: the trial did not report ({result.error})")
+        placement = placed[name].placement
+        peaks = [round(float(v), 1) for v in history["peak_memory_mb"]]
+        estimate = float(placement["host_mb"])
         rows.append(
             {
-                "config": case["name"],
-                "model": case["model"],
-                "optimizer": case["optimizer"],
-                "params": raw["params"],
-                "batch": int(case["batch"]),
-                "estimated_mb": round(estimate / MB, 1),
-                "measured_mb": round(measured / MB, 1),
-                "rel_error": round((estimate - measured) / measured, 4),
-                "raw": raw,
+                "config": name,
+                "optimizer": placed[name].plan.training["optimizer"],
+                "params": int(placement["param_count"]),
+                "batch": int(placed[name].plan.training["batch_size"]),
+                "train_fraction": float(placed[name].plan.training["train_fraction"]),
+                "estimated_mb": round(estimate, 1),
+                "measured_mb": peaks[-1],
+                "per_epoch_mb": peaks,
+                "shared_mb": round(float(history["shared_memory_mb"].iloc[-1]), 1),
+                "rel_error": round(estimate / peaks[-1] - 1, 4),
             }
         )
-        row = rows[-1]
-        print(
-            f"[{len(rows)}/{len(cases)}] {row['config']} batch {row['batch']} "
-            f"{row['optimizer']}: est {row['estimated_mb']} MB, meas {row['measured_mb']} MB "
-            f"({time.perf_counter() - started:.0f} s)",
-            file=sys.stderr,
-            flush=True,
-        )
-    median = statistics.median(abs(r["rel_error"]) for r in rows)
-    return {"memory_estimate_rows": rows, "memory_estimate_median_abs_err": median}
-
-
-def _dummy_stats() -> Any:
-    import numpy as np
-
-    return np.zeros((48, 48, 1), np.float32), np.ones((48, 48, 1), np.float32)
+    rows.sort(key=lambda r: [c["name"] for c in cases].index(r["config"]))
+    return {
+        "memory_estimate_rows": rows,
+        "memory_estimate_median_abs_err": statistics.median(abs(r["rel_error"]) for r in rows),
+        "memory_runtime_mb": calibration.runtime_memory_bytes / (1 << 20),
+        "memory_reference_images_per_second": calibration.reference_images_per_second,
+        "memory_epochs": epochs,
+    }
 
 
 def format_table(result: dict[str, Any]) -> str:
     head = (
-        f"{'config':<12} {'opt':<8} {'params':>10} {'batch':>6} {'est MB':>9} "
-        f"{'meas MB':>9} {'rel err':>8}"
+        f"{'config':<18} {'opt':<6} {'params':>10} {'batch':>6} {'rows':>5} {'est MB':>8} "
+        f"{'meas MB':>8} {'err':>7}  per epoch"
     )
     lines = [head, "-" * len(head)]
     for r in result["memory_estimate_rows"]:
         lines.append(
-            f"{r['config']:<12} {r['optimizer']:<8} {r['params']:>10,} {r['batch']:>6} "
-            f"{r['estimated_mb']:>9.1f} {r['measured_mb']:>9.1f} "
-            f"{r['rel_error']:>+8.1%}"
+            f"{r['config']:<18} {r['optimizer']:<6} {r['params']:>10,} {r['batch']:>6} "
+            f"{r['train_fraction']:>5.2f} {r['estimated_mb']:>8.1f} {r['measured_mb']:>8.1f} "
+            f"{r['rel_error']:>+7.1%}  {r['per_epoch_mb']}"
         )
     lines.append(f"median |rel err| = {result['memory_estimate_median_abs_err']:.1%}")
     return "\n".join(lines)
@@ -225,14 +187,16 @@ def format_table(result: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", type=Path, help="write the result dict here")
-    parser.add_argument("--steps", type=int, default=STEPS)
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--epochs", type=int, default=EPOCHS)
+    parser.add_argument("--data", help="the data set (default: FER2013_PATH)")
+    parser.add_argument("--data-fraction", type=float, default=1.0)
+    parser.add_argument("--only", help="comma list of case names")
     args = parser.parse_args(argv)
-    if args.worker:
-        print("RESULT " + json.dumps(_worker(json.loads(args.worker), args.steps)), flush=True)
-        return 0
+    cases = DEFAULT_CASES
+    if args.only:
+        cases = [c for c in DEFAULT_CASES if c["name"] in args.only.split(",")]
     started = time.perf_counter()
-    result = run(steps=args.steps)
+    result = run(cases, args.epochs, args.data, args.data_fraction)
     print(format_table(result))
     print(f"bench time {time.perf_counter() - started:.0f} s")
     if args.json:

@@ -160,6 +160,9 @@ def log_parent(
         metrics.append(
             Metric("reference_images_per_second", calibration.reference_images_per_second, now, 0)
         )
+        metrics.append(
+            Metric("runtime_memory_mb", calibration.runtime_memory_bytes / (1 << 20), now, 0)
+        )
     client.log_batch(
         parent_id,
         params=[Param(k, v) for k, v in params.items()],
@@ -210,7 +213,11 @@ def memory_rows(runs: list[Any]) -> list[dict[str, Any]]:
     """Estimated vs measured peak memory of each trial that trained (search/memory.csv)."""
     rows = []
     for run in runs:
-        estimate = float(run.data.params.get("estimated_memory_mb", 0) or 0)
+        params = run.data.params
+        # Host memory reserved (the whole trial on a CPU worker), against the measured peak.
+        estimate = float(
+            params.get("estimated_host_memory_mb", params.get("estimated_memory_mb", 0)) or 0
+        )
         peak = run.data.metrics.get("peak_memory_mb")  # the latest epoch's: the peak so far
         if estimate > 0 and peak:
             rows.append(

@@ -89,6 +89,16 @@ class Planner:
     val_rows: int
     calibration: Any = None  # jobs.timing.Calibration; None: no time estimate
 
+    @property
+    def overhead(self) -> Any:
+        """What a trial holds besides its model's step (jobs.resources.TrialOverhead): the
+        calibration's measurement, or the default where there was none."""
+        from jobs.resources import TrialOverhead
+
+        if self.calibration is not None and self.calibration.runtime_memory_bytes > 0:
+            return TrialOverhead(self.calibration.runtime_memory_bytes, "calibration")
+        return TrialOverhead()
+
     def compute_dtype(self, precision: str) -> str:
         """The activations' dtype a trial of `precision` will use on this budget's workers
         ("auto" is mixed on GPU workers, float32 on CPU ones; see model/precision.py)."""
@@ -112,6 +122,8 @@ class Planner:
         dummy_stats = pixel_statistics(np.zeros((2, 48, 48, 1), dtype=np.uint8))
         model = build_model(config_from_dict(plan.model), stats=dummy_stats)
         training = plan.training
+        fraction = float(training.get("train_fraction", 1.0))
+        rows = max(1, round(self.train_rows * fraction))
         placement = place(
             model,
             training["batch_size"],
@@ -119,9 +131,9 @@ class Planner:
             self.budget,
             self.cpus_per_trial,
             compute_dtype=self.compute_dtype(training.get("precision", "auto")),
+            host_overhead_bytes=self.overhead.host_bytes(rows, self.val_rows, fraction),
         )
         training = {**training, "micro_batch_size": placement.micro_batch_size}
-        rows = max(1, round(self.train_rows * float(training.get("train_fraction", 1.0))))
         seconds = (
             estimate_epoch_seconds(
                 model, rows, self.val_rows, placement.micro_batch_size, self.calibration
@@ -131,7 +143,11 @@ class Planner:
         )
         summary = {
             "status": placement.status,
+            # What counts against the worker budget (the whole trial on a CPU worker, the card's
+            # share on a GPU worker: against gpu_peak_memory_mb) and the host memory reserved
+            # (against the trial's peak_memory_mb).
             "estimated_mb": placement.estimated_mb,
+            "host_mb": placement.host_mb,
             "param_count": int(model.count_params()),
             "resources": placement.resources,
             "label_selector": placement.label_selector,
@@ -161,6 +177,8 @@ def flat_params(placed: PlacedTrial) -> dict[str, str]:
         "estimated_epoch_seconds": f"{placed.estimated_epoch_seconds:.4g}",
         "placement": placed.placement["status"],
     }
+    host = placed.placement.get("host_mb", placed.placement["estimated_mb"])
+    params["estimated_host_memory_mb"] = f"{host:.1f}"
     if plan.warm_start_from:
         params["warm_start_from"] = plan.warm_start_from
     for key, value in plan.training.items():

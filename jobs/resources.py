@@ -1,8 +1,11 @@
 """Memory-aware placement: worker budgets, per-trial resource requests, fit/downsize/refuse.
 
-Each trial's peak training memory is estimated before launch (`model.memory`). The trial then
-asks Ray for that much memory (`memory` on CPU workers; a GPU fraction plus the custom resource
-`gpu_memory_mb` on GPU workers), so Ray packs trials by memory. A config too big for the largest
+Each trial's peak memory is estimated before launch: one training step of its model
+(`model.memory`) plus what the trial holds besides (`TrialOverhead`: the framework as the epoch
+loop runs it, measured at the search's calibration, and its copies of the data). The trial then
+asks Ray for that much memory (`memory` on CPU workers; on GPU workers a GPU fraction plus the
+custom resource `gpu_memory_mb` for the model's step, and `memory` for the host side), so Ray
+packs trials by memory. A config too big for the largest
 worker is downsized to a smaller micro-batch with gradient accumulation (same effective batch),
 or refused when even the smallest micro-batch does not fit.
 
@@ -20,6 +23,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 GPU_MEMORY_RESOURCE = "gpu_memory_mb"
+# Bytes of one 48x48 grey image (uint8), the unit of every data copy a trial holds.
+IMAGE_BYTES = 48 * 48
+# Host memory a trial holds besides its model's step when no calibration measured it: the
+# median over the reference runs of bench/bench_memory.py on a CPU worker.
+DEFAULT_RUNTIME_BYTES = 64 << 20
 NODE_ID_LABEL = "ray.io/node-id"  # a label Ray gives every node
 MIB = 1 << 20
 GIB = 1 << 30
@@ -39,9 +47,38 @@ class WorkerBudget:
         return f"{self.kind} worker, {self.bytes_per_worker / GIB:.2f} GiB ({self.source})"
 
 
+@dataclass(frozen=True)
+class TrialOverhead:
+    """Host memory a trial holds besides one training step of its model (`model.memory`).
+
+    `runtime_bytes`: the framework as the epoch loop runs it (traced train and predict
+    functions, input pipelines, checkpoint writes, the allocator's growth over epochs),
+    measured on a worker at the search's calibration (`jobs.timing`). The data term follows
+    from what the epoch loop copies (`jobs/training.py`): its share of the training rows (a
+    copy when it trains on a share), the training tensors (TensorFlow copies the array, and
+    each epoch's input pipeline holds one more), the validation tensor and its mirror image.
+    The rows themselves arrive through Ray's object store, accounted by Ray's
+    `object_store_memory`, not by the trial's reservation (see `jobs.trial.measured_memory`).
+    """
+
+    runtime_bytes: int = DEFAULT_RUNTIME_BYTES
+    source: str = "default"
+
+    def data_bytes(self, train_rows: int, val_rows: int, train_fraction: float = 1.0) -> int:
+        """Host bytes of the data copies of a trial on `train_rows` (its own share already
+        taken) and `val_rows`."""
+        copies = 2 + (1 if train_fraction < 1.0 else 0)
+        return int((copies * max(0, train_rows) + 2 * max(0, val_rows)) * IMAGE_BYTES)
+
+    def host_bytes(self, train_rows: int, val_rows: int, train_fraction: float = 1.0) -> int:
+        return self.runtime_bytes + self.data_bytes(train_rows, val_rows, train_fraction)
+
+
 @dataclass
 class Placement:
     status: str  # "fits", "downsized", "does_not_fit"
+    # What counts against the worker budget: the whole trial on a CPU worker, the model's
+    # training step on a GPU worker (the card holds it; `host_bytes` is in host memory).
     estimated_bytes: int
     micro_batch_size: int
     resources: dict[str, float] = field(default_factory=dict)
@@ -50,10 +87,15 @@ class Placement:
     min_estimated_bytes: int = 0  # at the smallest micro-batch tried (refusals only)
     # Ray bundle label selector; on a mixed-GPU cluster, keeps the trial off too-small cards
     label_selector: dict[str, str] = field(default_factory=dict)
+    host_bytes: int = 0  # host memory reserved: the whole trial on CPU, its host side on GPU
 
     @property
     def estimated_mb(self) -> float:
         return self.estimated_bytes / MIB
+
+    @property
+    def host_mb(self) -> float:
+        return self.host_bytes / MIB
 
 
 def budget_from_nodes(nodes: list[dict[str, Any]], worker_memory_gb: float = 0.0) -> WorkerBudget:
@@ -93,9 +135,10 @@ def budget_from_nodes(nodes: list[dict[str, Any]], worker_memory_gb: float = 0.0
 
 
 def _resources(
-    budget: WorkerBudget, estimated: int, cpus: float
+    budget: WorkerBudget, estimated: int, cpus: float, host: int = 0
 ) -> tuple[dict[str, float], float, dict[str, str]]:
-    """Ray resources, TF GPU memory limit (MiB) and label selector of a trial of `estimated`."""
+    """Ray resources, TF GPU memory limit (MiB) and label selector of a trial of `estimated`
+    (on a GPU worker: on the card; `host` bytes besides in host memory)."""
     if budget.kind == "gpu":
         # The share is of the smallest card the trial fits on: on a bigger card it over-reserves
         # a little, but the shares on any one card never add up to more than that card holds.
@@ -111,7 +154,10 @@ def _resources(
         # known here: keep each node group's cards alike and declare them (infra/README.md).
         too_small = sorted(node for node, size in budget.gpu_nodes if size < estimated and node)
         selector = {NODE_ID_LABEL: f"!in({','.join(too_small)})"} if too_small else {}
-        return {"CPU": cpus, "GPU": share, GPU_MEMORY_RESOURCE: mb}, limit, selector
+        resources = {"CPU": cpus, "GPU": share, GPU_MEMORY_RESOURCE: mb}
+        if host > 0:
+            resources["memory"] = float(host)
+        return resources, limit, selector
     return {"CPU": cpus, "memory": float(estimated)}, 0.0, {}
 
 
@@ -123,53 +169,59 @@ def place(
     cpus_per_trial: float,
     min_micro_batch: int = 4,
     compute_dtype: str = "float32",
+    host_overhead_bytes: int = 0,
 ) -> Placement:
     """Decide how (or whether) a trial runs within `budget` (`compute_dtype`: the activations'
-    dtype, "bfloat16" or "float16" under mixed precision)."""
+    dtype, "bfloat16" or "float16" under mixed precision; `host_overhead_bytes`: what the trial
+    holds in host memory besides its model's step, `TrialOverhead.host_bytes`)."""
     from model.memory import estimate_training_memory
 
-    estimated = estimate_training_memory(
-        model, batch_size, optimizer=optimizer, compute_dtype=compute_dtype
-    )
-    if estimated <= budget.bytes_per_worker:
-        resources, limit, selector = _resources(budget, estimated, cpus_per_trial)
-        return Placement("fits", estimated, batch_size, resources, limit, label_selector=selector)
-    micro = batch_size
-    while micro // 2 >= min_micro_batch and batch_size % (micro // 2) == 0:
-        micro //= 2
-        estimated_micro = estimate_training_memory(
+    on_card = budget.kind == "gpu"
+
+    def needs(micro: int) -> int:
+        """Bytes counted against the budget at `micro`-row steps (the rest of the batch
+        accumulated): the card's share on a GPU worker, everything on a CPU worker."""
+        step = estimate_training_memory(
             model,
             micro,
             optimizer=optimizer,
             accumulation_steps=batch_size // micro,
             compute_dtype=compute_dtype,
         )
+        return step if on_card else step + host_overhead_bytes
+
+    def placed(status: str, estimated: int, micro: int, reason: str = "") -> Placement:
+        host = host_overhead_bytes if on_card else estimated
+        resources, limit, selector = _resources(budget, estimated, cpus_per_trial, host)
+        return Placement(
+            status,
+            estimated,
+            micro,
+            resources,
+            limit,
+            reason,
+            label_selector=selector,
+            host_bytes=host,
+        )
+
+    estimated = needs(batch_size)
+    if estimated <= budget.bytes_per_worker:
+        return placed("fits", estimated, batch_size)
+    micro = batch_size
+    while micro // 2 >= min_micro_batch and batch_size % (micro // 2) == 0:
+        micro //= 2
+        estimated_micro = needs(micro)
         if estimated_micro <= budget.bytes_per_worker:
-            resources, limit, selector = _resources(budget, estimated_micro, cpus_per_trial)
-            return Placement(
+            return placed(
                 "downsized",
                 estimated_micro,
                 micro,
-                resources,
-                limit,
                 f"batch {batch_size} needs {estimated / MIB:.0f} MiB > {budget.describe()}; "
                 f"micro-batch {micro} x {batch_size // micro} accumulation steps",
-                label_selector=selector,
             )
-    smallest = estimated
-    if micro < batch_size:
-        # With accumulation a micro-batch keeps one more copy of the weights: for a model whose
-        # weights outweigh its activations (a DNN), the smallest micro-batch needs more.
-        smallest = min(
-            estimated,
-            estimate_training_memory(
-                model,
-                micro,
-                optimizer=optimizer,
-                accumulation_steps=batch_size // micro,
-                compute_dtype=compute_dtype,
-            ),
-        )
+    # With accumulation a micro-batch keeps one more copy of the weights: for a model whose
+    # weights outweigh its activations (a DNN), the smallest micro-batch needs more.
+    smallest = min(estimated, needs(micro)) if micro < batch_size else estimated
     return Placement(
         "does_not_fit",
         estimated,
@@ -180,4 +232,5 @@ def place(
             f"{budget.describe()}"
         ),
         min_estimated_bytes=smallest,
+        host_bytes=host_overhead_bytes if on_card else estimated,
     )

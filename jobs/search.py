@@ -230,9 +230,11 @@ def _calibrate(budget: Any, cpus: float) -> Any:
         log.warning("calibration failed, no time estimates: %s", error)
         return None
     log.info(
-        "calibration: reference CNN %.0f images/s on %d thread(s)",
+        "calibration: reference CNN %.0f images/s on %d thread(s); a trial's runtime holds "
+        "%.0f MiB besides its model and data",
         calibration.reference_images_per_second,
         calibration.threads,
+        calibration.runtime_memory_bytes / (1 << 20),
     )
     return calibration
 

@@ -5,12 +5,18 @@ with the CPU (and GPU) share a trial gets, through plain Keras. That gives two t
 machine's `reference_images_per_second` (recorded with every budget result, so results from
 machines of different speed can be compared) and its rate of work, which turns any model's
 counted work per epoch (`model.flops.epoch_work`) into seconds before the trial is launched.
+
+The same process then runs the reference through the trial's own epoch loop for a few short
+epochs (validation, mirrored predictions, checkpoints) and measures its memory above what it
+held before: less the model's one-step estimate and the data copies, that is the host memory
+the framework adds to every trial on this worker (`runtime_memory_bytes`, applied to every
+placement as `jobs.resources.TrialOverhead`).
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 REFERENCE_BATCH = 64
@@ -20,6 +26,8 @@ CALIBRATION_TIMEOUT_S = 600  # a worker still starting (a cluster scaling up) ma
 # Per epoch besides the batches: Keras's fit set-up, the validation iterator, the epoch's
 # metrics (0.5-1 s on a laptop core for a DNN whose batches take 2 s; 2026-12-03).
 EPOCH_OVERHEAD_S = 0.5
+MEMORY_PROBE_EPOCHS = 2
+MEMORY_PROBE_VAL_ROWS = 256
 
 
 @dataclass(frozen=True)
@@ -30,6 +38,8 @@ class Calibration:
     work_per_second: float  # MAC-equivalents per second (see model/flops.py)
     threads: int
     seconds: float  # wall time of the timed part
+    # Host bytes the epoch loop holds besides the model's step and the data (0: not measured).
+    runtime_memory_bytes: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -39,11 +49,14 @@ def measure_reference(threads: int, start_at: float = 0.0) -> Calibration:
     """Train the reference CNN on random pixels in this process; must run before TF is used.
 
     The timed part starts at wall time `start_at` (if still ahead), so copies started
-    together time the same seconds whatever their start-up took.
+    together time the same seconds whatever their start-up took. The memory probe runs after
+    it (see the module docstring).
     """
+    import gc
+
     import numpy as np
 
-    from jobs.trial import configure_tensorflow
+    from jobs.trial import configure_tensorflow, private_resident_bytes
 
     configure_tensorflow(threads, 0.0)
     import keras
@@ -54,10 +67,13 @@ def measure_reference(threads: int, start_at: float = 0.0) -> Calibration:
     from model.flops import epoch_work, image_cost
     from model.preprocessing import pixel_statistics
 
+    # Where a trial takes its baseline: TensorFlow up, before the data and the model.
+    baseline = private_resident_bytes()
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (REFERENCE_IMAGES, 48, 48, 1), dtype=np.uint8)
     labels = rng.integers(0, 7, REFERENCE_IMAGES)
-    model = build_model(FAST_CNN, stats=pixel_statistics(images))
+    stats = pixel_statistics(images)
+    model = build_model(FAST_CNN, stats=stats)
     model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
     x = images  # uint8, as trials feed them (the model casts on entry)
     warm = array_batches(x[:REFERENCE_BATCH], labels[:REFERENCE_BATCH], REFERENCE_BATCH)
@@ -68,8 +84,39 @@ def measure_reference(threads: int, start_at: float = 0.0) -> Calibration:
     model.fit(batches, epochs=1, verbose=0)
     seconds = time.perf_counter() - started
     work = epoch_work(image_cost(model), REFERENCE_IMAGES, 0, REFERENCE_BATCH)
+    del model, warm, batches
     keras.backend.clear_session()
-    return Calibration(REFERENCE_IMAGES / seconds, work / seconds, threads, seconds)
+    gc.collect()
+    runtime = runtime_memory(baseline, images, labels, lambda: build_model(FAST_CNN, stats=stats))
+    keras.backend.clear_session()
+    return Calibration(REFERENCE_IMAGES / seconds, work / seconds, threads, seconds, runtime)
+
+
+def runtime_memory(baseline: int, images: Any, labels: Any, build: Any) -> int:
+    """Host bytes above `baseline` that a short run of the trial's epoch loop holds besides
+    its model's one-step estimate and its data (`images` and the loop's copies of them)."""
+    import tempfile
+    from pathlib import Path
+
+    from jobs.resources import TrialOverhead
+    from jobs.training import EpochLoop, TrainData, TrainingConfig
+    from jobs.trial import peak_private_bytes
+    from model.memory import estimate_training_memory
+
+    val = MEMORY_PROBE_VAL_ROWS
+    data = TrainData(images, labels, images[:val], labels[:val])
+    config = TrainingConfig(
+        batch_size=REFERENCE_BATCH,
+        micro_batch_size=REFERENCE_BATCH,
+        max_epochs=MEMORY_PROBE_EPOCHS,
+        seed=0,
+    )
+    with tempfile.TemporaryDirectory(prefix="fer-calibration-") as workdir:
+        loop = EpochLoop(build, data, config, Path(workdir))
+        loop.run(lambda metrics, directory: None)
+        step = estimate_training_memory(loop.model, REFERENCE_BATCH, config.optimizer)
+    held = TrialOverhead(0).data_bytes(len(images), val) + images.nbytes + labels.nbytes
+    return max(0, peak_private_bytes() - baseline - step - held)
 
 
 def calibrate(resources: dict[str, float], copies: int = 1) -> Calibration:
@@ -92,7 +139,8 @@ def calibrate(resources: dict[str, float], copies: int = 1) -> Calibration:
         [task.remote(threads) for _ in range(max(1, copies))], timeout=CALIBRATION_TIMEOUT_S
     )
     runs.sort(key=lambda run: run.work_per_second)
-    return runs[len(runs) // 2]
+    memory = sorted(run.runtime_memory_bytes for run in runs)
+    return replace(runs[len(runs) // 2], runtime_memory_bytes=memory[len(memory) // 2])
 
 
 def estimate_epoch_seconds(

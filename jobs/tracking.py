@@ -37,6 +37,7 @@ EPOCH_METRICS = (
     "epoch_seconds",
     "images_per_second",
     "peak_memory_mb",  # the trial's measured peak, next to its estimated_memory_mb param
+    "shared_memory_mb",  # the object store's pages it maps (its rows), not in that peak
 )
 GPU_METRICS = ("gpu_peak_memory_mb",)
 SYSTEM_RESULT_PREFIX = "system_"  # in a trial's results (jobs/trial.py, SystemSampler)
@@ -52,6 +53,26 @@ TAG_STOP_REASON = layout.TAG_STOP_REASON
 STOP_MARGIN_S = 10.0
 # Errors that will not go away by retrying (bad value, duplicate): drop the op, don't block.
 _PERMANENT = {"INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST"}
+
+
+def memory_over_reservation(result: dict[str, Any], placement: dict[str, Any]) -> str:
+    """Why a trial's measured peak is over MEMORY_OVER_RESERVATION times what it was placed by
+    (host memory; on a GPU worker, the card too), in words; "" when it is not."""
+    host = placement.get("host_mb", placement.get("estimated_mb"))
+    on_card = bool(placement.get("resources", {}).get("GPU"))
+    found = []
+    for measured, estimate, where in (
+        ("peak_memory_mb", host, "host"),
+        ("gpu_peak_memory_mb", placement.get("estimated_mb") if on_card else 0.0, "GPU"),
+    ):
+        peak = float(result.get(measured) or 0.0)
+        estimate = float(estimate or 0.0)
+        if estimate > 0 and peak > MEMORY_OVER_RESERVATION * estimate:
+            found.append(
+                f"{where}: measured peak {peak:.0f} MiB, placed by an estimate of "
+                f"{estimate:.0f} MiB ({peak / estimate:.2f}x)"
+            )
+    return "; ".join(found)
 
 
 class TrackingUnavailable(RuntimeError):
@@ -435,13 +456,9 @@ class MLflowTrialLogger(tune.Callback):
         extra_tags = {}
         if tag == "early_stopped":
             extra_tags[TAG_STOP_REASON] = self._stop_reason()
-        peak = float((last_result or {}).get("peak_memory_mb", 0.0))
-        reserved = float(placed.placement["estimated_mb"])
-        if reserved > 0 and peak > MEMORY_OVER_RESERVATION * reserved:
-            extra_tags[TAG_MEMORY_OVER] = (
-                f"measured peak {peak:.0f} MiB, placed by an estimate of {reserved:.0f} MiB "
-                f"({peak / reserved:.2f}x)"
-            )
+        over = memory_over_reservation(last_result or {}, placed.placement)
+        if over:
+            extra_tags[TAG_MEMORY_OVER] = over
 
         staged: Path | None = None
         if checkpoint is not None and error is None:

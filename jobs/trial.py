@@ -52,24 +52,48 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
-def _resident_bytes() -> int:
-    """This process's resident memory now (Linux; 0 where /proc is missing)."""
+def _memory_status() -> dict[str, int]:
+    """Resident (VmRSS), high-water (VmHWM) and shared-memory (RssShmem) bytes of this process
+    (Linux; empty where /proc is missing)."""
+    found = {}
     try:
-        with open("/proc/self/statm") as handle:
-            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                key, _, value = line.partition(":")
+                if key in ("VmRSS", "VmHWM", "RssShmem"):
+                    found[key] = int(value.split()[0]) * 1024
     except (OSError, ValueError, IndexError):
-        return 0
+        return {}
+    return found
+
+
+def private_resident_bytes() -> int:
+    """This process's resident memory now, less the shared-memory pages it maps (0 where /proc
+    is missing): the baseline a trial's memory is measured above."""
+    status = _memory_status()
+    return max(0, status.get("VmRSS", 0) - status.get("RssShmem", 0))
+
+
+def peak_private_bytes() -> int:
+    """This process's resident high-water mark less the shared-memory pages it maps now."""
+    status = _memory_status()
+    return max(0, status.get("VmHWM", 0) - status.get("RssShmem", 0))
 
 
 def measured_memory(baseline: int) -> dict[str, float]:
-    """Peak memory of this trial so far, in MiB: resident set above `baseline` (the process's
-    high-water mark, so it only grows) and, on a GPU, TensorFlow's peak allocation."""
-    import resource
-
+    """Peak memory of this trial so far, in MiB, above `baseline` (`private_resident_bytes`
+    before the data and the model): the resident high-water mark (it only grows) less the
+    pages of Ray's object store the trial maps (its rows: shared by every trial on the node
+    and accounted by Ray's `object_store_memory`, not by a trial's reservation), as
+    `peak_memory_mb`, with those shared pages as `shared_memory_mb`; on a GPU, TensorFlow's
+    peak allocation as `gpu_peak_memory_mb`."""
     import tensorflow as tf
 
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-    found = {"peak_memory_mb": max(0, peak - baseline) / MIB}
+    shared = _memory_status().get("RssShmem", 0)
+    found = {
+        "peak_memory_mb": max(0, peak_private_bytes() - baseline) / MIB,
+        "shared_memory_mb": shared / MIB,
+    }
     if tf.config.list_logical_devices("GPU"):
         found["gpu_peak_memory_mb"] = tf.config.experimental.get_memory_info("GPU:0")["peak"] / MIB
     return found
@@ -198,7 +222,7 @@ def train_trial(config: dict[str, Any], data: dict[str, Any] | None = None) -> N
     keras.utils.set_random_seed(int(trial["training"]["seed"]))
     # What this process holds once TF is up, before the data and the model: the trial's own
     # memory is measured above it (peak_memory_mb, next to the estimate it was placed by).
-    baseline = _resident_bytes()
+    baseline = private_resident_bytes()
     # Pixels stay uint8 (the model casts on entry): a float32 copy of the training rows was
     # 264 MiB per trial on the full data set, none of it in the trial's memory reservation.
     arrays = TrainData(

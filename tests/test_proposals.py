@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import numpy as np
 import pytest
 from ray.tune.search import Searcher
 
@@ -369,3 +371,72 @@ def test_a_coursework_model_the_budget_could_not_train_is_said_so_in_words() -> 
     assert key == layout.TAG_COURSEWORK_NOTE
     assert "8 epoch(s) on 0.25 of the training rows (2.0 full-data epochs)" in note
     assert "0.249 is what the budget allowed" in note
+
+
+def test_the_runtime_memory_measured_at_calibration_is_applied() -> None:
+    """A trial's host estimate is its model's step plus what the calibration measured on the
+    worker plus its data copies; the placement reserves all of it with Ray."""
+    from jobs.resources import DEFAULT_RUNTIME_BYTES, TrialOverhead
+    from model.configs import build_model, config_from_dict
+    from model.memory import estimate_training_memory
+    from model.preprocessing import pixel_statistics
+
+    plan = SpacePlanMaker(30, 0, 0.25)(_point("cnn"), "cnn-fast")
+    runtime = 300 * MIB
+    measured = Calibration(100.0, 1e10, 1, 1.0, runtime_memory_bytes=runtime)
+    calibrated = _planner(8000, measured).place(plan).placement
+    uncalibrated = _planner(8000).place(plan).placement
+
+    step = estimate_training_memory(
+        build_model(
+            config_from_dict(plan.model), pixel_statistics(np.zeros((2, 48, 48, 1), np.uint8))
+        ),
+        64,
+    )
+    rows = round(28709 * 0.25)
+    data = TrialOverhead().data_bytes(rows, 3589, 0.25)
+    assert data == (3 * rows + 2 * 3589) * 48 * 48  # its share, two tensors; val and mirror
+    assert calibrated["host_mb"] == pytest.approx((step + runtime + data) / MIB)
+    assert calibrated["estimated_mb"] == calibrated["host_mb"]  # a CPU worker holds it all
+    assert calibrated["resources"]["memory"] == pytest.approx(calibrated["host_mb"] * MIB)
+    assert calibrated["host_mb"] - uncalibrated["host_mb"] == pytest.approx(
+        (runtime - DEFAULT_RUNTIME_BYTES) / MIB
+    )
+    # The same trial on a worker that holds its step but not the rest is downsized, not fitted.
+    tight = _planner((step + runtime) / MIB, measured).place(plan).placement
+    assert tight["status"] != "fits"
+
+
+def test_on_a_gpu_worker_the_card_holds_the_step_and_host_memory_the_rest() -> None:
+    from jobs.resources import GPU_MEMORY_RESOURCE, TrialOverhead, place
+    from model.cnn import SEED2017, build_cnn
+    from model.memory import estimate_training_memory
+
+    model = build_cnn(SEED2017)
+    step = estimate_training_memory(model, 64)
+    host = TrialOverhead(200 * MIB).host_bytes(7177, 3589, 0.25)
+    # A card just big enough for the step: the host side does not count against it.
+    gpu = place(
+        model, 64, "adam", WorkerBudget("gpu", step + MIB, "t"), 1.0, host_overhead_bytes=host
+    )
+    assert gpu.status == "fits" and gpu.estimated_bytes == step
+    assert gpu.resources[GPU_MEMORY_RESOURCE] == math.ceil(step / MIB)
+    assert gpu.resources["memory"] == float(host) and gpu.host_bytes == host
+    # On a CPU worker of the same size the whole trial does not fit at batch 64.
+    cpu = place(
+        model, 64, "adam", WorkerBudget("cpu", step + MIB, "t"), 1.0, host_overhead_bytes=host
+    )
+    assert cpu.status != "fits"
+    assert cpu.host_bytes == cpu.estimated_bytes
+
+
+def test_a_trial_over_its_reservation_is_told_apart_host_and_card() -> None:
+    from jobs.tracking import memory_over_reservation
+
+    cpu = {"estimated_mb": 100.0, "host_mb": 100.0, "resources": {"CPU": 1, "memory": 1.0}}
+    assert memory_over_reservation({"peak_memory_mb": 119.0}, cpu) == ""
+    assert "host: measured peak 130 MiB" in memory_over_reservation({"peak_memory_mb": 130.0}, cpu)
+    gpu = {"estimated_mb": 100.0, "host_mb": 400.0, "resources": {"CPU": 1, "GPU": 0.1}}
+    # 300 MiB of host memory is within its 400 MiB host reservation; the card is over.
+    found = memory_over_reservation({"peak_memory_mb": 300.0, "gpu_peak_memory_mb": 150.0}, gpu)
+    assert found.startswith("GPU: measured peak 150 MiB") and "host" not in found
