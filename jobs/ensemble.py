@@ -37,7 +37,7 @@ ENSEMBLE_RUN_NAME = layout.ENSEMBLE
 REPRODUCTION_TOLERANCE = 1e-3
 # Rows timed for the ensemble's prediction cost (after one warm-up batch).
 TIMED_ROWS = 512
-FINISHED_STATUSES = ("finished", "early_stopped")
+FINISHED_STATUSES = layout.TRAINED_STATUSES
 
 
 @dataclass(frozen=True)
@@ -273,7 +273,7 @@ def _log_run(
     from mlflow.entities import Metric, Param
     from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-    from jobs.tracking import log_keras_model
+    from jobs.tracking.models import log_keras_model
 
     chosen, table = choice.chosen, choice.table
     member_ids = [found[m].run_id for m in chosen.members]

@@ -59,9 +59,9 @@ def train(settings: TrainSettings) -> dict[str, Any]:
     import mlflow
     from mlflow.tracking import MlflowClient
 
+    from jobs.data import prepare_arrays, resolve_data
     from jobs.resources import MIB
-    from jobs.search import prepare_arrays, resolve_data
-    from jobs.tracking import dataset_inputs, log_keras_model
+    from jobs.tracking.models import dataset_inputs, log_keras_model
     from jobs.training import BEST_MODEL, BEST_PREDICTIONS, EpochLoop, TrainData, TrainingConfig
     from model.configs import build_model, config_to_dict
     from model.memory import estimate_training_memory
@@ -153,7 +153,9 @@ def train(settings: TrainSettings) -> dict[str, Any]:
             digest = layout.log_model_files(client, run_id, best, run_config)
             model_uri = log_keras_model(run_id, best)
             layout.log_predictions(client, run_id, Path(workdir) / BEST_PREDICTIONS)
-        mlflow.set_tags({layout.TAG_STATUS: "finished", layout.TAG_MODEL_URI: model_uri})
+        mlflow.set_tags(
+            {layout.TAG_STATUS: layout.STATUS_FINISHED, layout.TAG_MODEL_URI: model_uri}
+        )
         mlflow.log_metric("best_val_accuracy", state.best_val_accuracy)
     return {
         "run_id": run_id,

@@ -9,28 +9,25 @@ from typing import Any
 import pytest
 from ray.tune.search import Searcher
 
+from jobs.plan import PlacedTrial, TrialPlan
 from jobs.proposals import (
     DOES_NOT_FIT,
     OVER_BUDGET,
     REFUSED_SCORE,
     SETUP_SECONDS,
-    PlacedTrial,
     PlacingSearcher,
     Planner,
     ProposalClock,
-    RefusalRecorder,
-    TrialPlan,
 )
 from jobs.resources import GIB, MIB, WorkerBudget
 from jobs.scheduling import SameFidelityASHA
-from jobs.search import (
+from jobs.search.explore import (
     EXPLORE_MIN_ROWS,
-    FINAL_FILL,
     SpacePlanMaker,
     _explore_searcher,
     explore_fraction,
-    final_plans,
 )
+from jobs.search.final import FINAL_FILL, final_plans
 from jobs.settings import SearchSettings
 from jobs.space import (
     FAST_CNN,
@@ -42,14 +39,14 @@ from jobs.space import (
 from jobs.timing import Calibration
 
 
-class Recorder(RefusalRecorder):
-    """Keeps refused proposals in memory instead of writing child runs."""
+class Recorder:
+    """The searcher's `on_refusal`: keeps refused proposals in memory (no child runs)."""
 
     def __init__(self) -> None:
-        super().__init__("sqlite:///unused.db", "0", "parent", {})
+        self.names: list[str] = []
         self.refused: list[PlacedTrial] = []
 
-    def record(self, placed: PlacedTrial) -> None:
+    def __call__(self, placed: PlacedTrial) -> None:
         self.names.append(placed.plan.name)
         self.refused.append(placed)
 
@@ -344,7 +341,7 @@ def test_worker_budget_sized_placement_is_recorded_on_the_plan() -> None:
 
 
 def test_a_coursework_model_the_budget_could_not_train_is_said_so_in_words() -> None:
-    from jobs.parent import _note_undertrained_coursework
+    from jobs.search.summary import _note_undertrained_coursework
     from schema import run as layout
 
     def run(name: str, epochs: int, fraction: float) -> Any:

@@ -282,7 +282,8 @@ def test_pending_trials_are_capped_only_for_a_local_search(
     pending trial at a time keeps the plan order locally. A cluster (its autoscaler scales on
     pending requests) gets its slots' worth (Tune's default with a searcher is one), and a
     value the user set is left alone."""
-    from jobs.search import PENDING_TRIALS_ENV, _trials_in_plan_order
+    from jobs.search.context import PENDING_TRIALS_ENV
+    from jobs.search.tune_phase import trials_in_plan_order as _trials_in_plan_order
 
     monkeypatch.delenv(PENDING_TRIALS_ENV, raising=False)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
