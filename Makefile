@@ -4,7 +4,6 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 export MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlflow.db
-export TF_CPP_MIN_LOG_LEVEL ?= 2
 export RAY_USAGE_STATS_ENABLED ?= 0
 ARGS ?=
 PORT ?= 5001

@@ -10,8 +10,28 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import Any
 
 from jobs.settings import SearchSettings, add_arguments, from_namespace
+
+
+def closing_lines(result: Any, registered: bool, viewed: bool) -> str:
+    """What a user reads last: the champion, its accuracy, the report, the UI and serving."""
+    minutes = result.wall_seconds / 60
+    if not result.best_run_id:
+        return f"\nSearch ended after {minutes:.1f} min with no trained model (see the log above)."
+    champion = result.champion_run_id or result.best_run_id
+    lines = [
+        "",
+        f"Search finished in {minutes:.1f} min.",
+        f"  Champion:  run {champion} (best trial val_accuracy {result.best_val_accuracy:.3f})",
+    ]
+    if viewed:
+        lines.append("  Report:    the champion run's artifacts, report.html and figures/")
+    lines.append("  Browse:    make ui      (MLflow UI on http://127.0.0.1:5000)")
+    if registered:
+        lines.append("  Serve:     make serve   (the registered @champion over HTTP)")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
 
             summary["viz"] = run_viz(VizSettings(run_id=champion, data=settings.data))
         print(json.dumps(summary, indent=2, default=str))
+        print(closing_lines(result, settings.register, viewed="viz" in summary), file=sys.stderr)
         return 0 if result.best_run_id else 1
 
     return run_cli(work)

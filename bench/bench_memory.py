@@ -73,7 +73,7 @@ def _model_dict(spec: Any) -> dict[str, Any]:
 
 
 def _plan(case: dict[str, Any], epochs: int) -> Any:
-    from jobs.proposals import TrialPlan
+    from jobs.plan import TrialPlan
 
     training = {
         "batch_size": case["batch"],
@@ -103,7 +103,8 @@ def run(
 
     from jobs.proposals import Planner
     from jobs.resources import budget_from_nodes
-    from jobs.search import init_ray, prepare_arrays
+    from jobs.data import prepare_arrays
+    from jobs.search import init_ray
     from jobs.timing import calibrate
     from jobs.trial import train_trial
 

@@ -52,7 +52,7 @@ def _worker(name: str, data: str, epochs: int, fraction: float, seed: int) -> No
     configure_tensorflow(1, 0.0)  # before TensorFlow's first op
     import keras
 
-    from jobs.search import prepare_arrays
+    from jobs.data import prepare_arrays
     from jobs.training import EpochLoop, TrainData, TrainingConfig
     from model.configs import build_model
 

@@ -7,6 +7,7 @@ import os
 import re
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 # S3 retries for every boto3 client a job creates (MLflow's S3 artifact store, the S3 data
 # loader, `prepare --upload`): botocore's default of 3 attempts (older botocore: "legacy" mode,
@@ -21,8 +22,23 @@ def configure_s3_retries() -> None:
         os.environ.setdefault(name, value)
 
 
+def has_local_gpu() -> bool:
+    """Whether this machine has an NVIDIA device node (decided without importing TensorFlow)."""
+    return any(Path("/dev").glob("nvidia[0-9]*"))
+
+
+def tf_log_level() -> str:
+    """TensorFlow's C++ log level for this machine's processes ($TF_CPP_MIN_LOG_LEVEL wins).
+
+    On a machine without a GPU, TensorFlow's CUDA probe fails in every process that imports
+    it and logs that failure as an error ("failed call to cuInit"), which says nothing about
+    the job; level 3 keeps those out. With a GPU, level 2 keeps TensorFlow's errors visible.
+    """
+    return os.environ.get("TF_CPP_MIN_LOG_LEVEL") or ("2" if has_local_gpu() else "3")
+
+
 def setup_logging() -> None:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ["TF_CPP_MIN_LOG_LEVEL"] = tf_log_level()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     logging.basicConfig(
         level=os.environ.get("FER_LOG_LEVEL", "INFO"),
@@ -50,7 +66,7 @@ def run_cli(work: Callable[[], int]) -> int:
     """Run `work`; turn expected failures into one readable line on stderr and exit code 2."""
     from mlflow.exceptions import MlflowException
 
-    from jobs.tracking import TrackingUnavailable
+    from jobs.tracking.queue import TrackingUnavailable
     from model.data import DataError
 
     setup_logging()

@@ -37,7 +37,7 @@ ENSEMBLE_RUN_NAME = layout.ENSEMBLE
 REPRODUCTION_TOLERANCE = 1e-3
 # Rows timed for the ensemble's prediction cost (after one warm-up batch).
 TIMED_ROWS = 512
-FINISHED_STATUSES = ("finished", "early_stopped")
+FINISHED_STATUSES = layout.TRAINED_STATUSES
 
 
 @dataclass(frozen=True)
@@ -273,7 +273,7 @@ def _log_run(
     from mlflow.entities import Metric, Param
     from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-    from jobs.tracking import log_keras_model
+    from jobs.tracking.models import log_keras_model
 
     chosen, table = choice.chosen, choice.table
     member_ids = [found[m].run_id for m in chosen.members]
@@ -315,27 +315,7 @@ def _log_run(
             metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()],
             params=[Param(k, v) for k, v in params.items()],
         )
-        config = {
-            "family": ROLE_ENSEMBLE,
-            "members": [
-                {
-                    "run_id": found[m].run_id,
-                    "name": found[m].name,
-                    "family": found[m].family,
-                    "weight": w,
-                }
-                for m, w in zip(chosen.members, chosen.weights, strict=True)
-            ],
-            "flip": chosen.flip,
-            "data": data_info,
-            "param_count": int(model.count_params()),
-            "report_table": {
-                "best_single": table.best_single,
-                "best_single_flip": table.best_single_flip,
-                "ensemble": table.ensemble,
-                "ensemble_flip": table.ensemble_flip,
-            },
-        }
+        config = _config_json(found, choice, data_info, int(model.count_params()))
         layout.log_model_files(client, run_id, model_file, config)
         model_uri = log_keras_model(run_id, model_file)
         client.set_tag(run_id, layout.TAG_MODEL_URI, model_uri)
@@ -344,3 +324,31 @@ def _log_run(
         client.set_terminated(run_id, "FAILED")
         raise
     return run_id, model_uri
+
+
+def _config_json(
+    found: list[Candidate], choice: Choice, data_info: dict[str, Any], param_count: int
+) -> dict[str, Any]:
+    """The ensemble run's config.json: its members and weights, the data, the report table."""
+    chosen, table = choice.chosen, choice.table
+    return {
+        "family": ROLE_ENSEMBLE,
+        "members": [
+            {
+                "run_id": found[m].run_id,
+                "name": found[m].name,
+                "family": found[m].family,
+                "weight": w,
+            }
+            for m, w in zip(chosen.members, chosen.weights, strict=True)
+        ],
+        "flip": chosen.flip,
+        "data": data_info,
+        "param_count": param_count,
+        "report_table": {
+            "best_single": table.best_single,
+            "best_single_flip": table.best_single_flip,
+            "ensemble": table.ensemble,
+            "ensemble_flip": table.ensemble_flip,
+        },
+    }

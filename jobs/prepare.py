@@ -30,7 +30,7 @@ def upload_to_s3(path: str, uri: str) -> str:
 
 
 def prepare(settings: PrepareSettings) -> dict[str, Any]:
-    from jobs.search import resolve_data
+    from jobs.data import resolve_data
     from model.data import load_fer2013
 
     source = resolve_data(settings.data)

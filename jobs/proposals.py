@@ -5,27 +5,28 @@ fixed points, then what a model-based searcher (Ray Tune's `OptunaSearch`, TPE) 
 the results so far. Every proposal is built, its memory estimated and placed (fits / smaller
 micro-batch with accumulation / refused) and its epoch time estimated *before* it is returned
 to Tune. A proposal that fits no worker, or cannot reach the scheduler's first rung in the
-time left, is never started: it is logged as a child run (`does_not_fit` / `over_budget`) and
-reported back to the model-based searcher, which then proposes again.
+time left, is never started: it is handed to the `on_refusal` callable the searcher was given
+(the driver's logs it as a child run, `does_not_fit` / `over_budget`) and reported back to the
+model-based searcher, which then proposes again.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from ray.tune.search import Searcher
 
+from jobs.plan import PlacedTrial, TrialPlan
 from schema import run as layout
 
 log = logging.getLogger(__name__)
 
-EXPLORE = "explore"
-FINAL = "final"
-DOES_NOT_FIT = "does_not_fit"
-OVER_BUDGET = "over_budget"
+DOES_NOT_FIT = layout.STATUS_DOES_NOT_FIT
+OVER_BUDGET = layout.STATUS_OVER_BUDGET
 # A trial's start-up before its first epoch (Ray actor, TF import, data, model build): about
 # 8 s on a laptop core (BENCHMARKS.md, "trial overhead"); kept generous.
 SETUP_SECONDS = 20.0
@@ -34,49 +35,6 @@ SETUP_SECONDS = 20.0
 MAX_REFUSALS_IN_A_ROW = 8
 # What a refused-for-memory proposal scores for the model-based searcher: the worst accuracy.
 REFUSED_SCORE = 0.0
-
-
-@dataclass(frozen=True)
-class TrialPlan:
-    """One trial as planned: the model and training configs (plain JSON dicts, as logged)."""
-
-    name: str
-    model: dict[str, Any]
-    training: dict[str, Any]
-    phase: str = EXPLORE
-    # A final trial starts from the weights of the explored trial it continues (a Tune
-    # checkpoint's path or URI), named in `warm_start_from`.
-    warm_start: str = ""
-    warm_start_from: str = ""
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "model": self.model, "training": self.training}
-
-
-@dataclass(frozen=True)
-class PlacedTrial:
-    """A plan with its placement (see jobs/resources.py) and time estimate."""
-
-    plan: TrialPlan
-    placement: dict[str, Any]
-    estimated_epoch_seconds: float
-    refusal: str = ""  # "", DOES_NOT_FIT or OVER_BUDGET
-    reason: str = ""
-
-    def tune_config(self) -> dict[str, Any]:
-        """What Tune's trial config holds: everything the trial and the logger need."""
-        trial = {
-            **self.plan.to_dict(),
-            "phase": self.plan.phase,
-            "warm_start": self.plan.warm_start,
-            "warm_start_from": self.plan.warm_start_from,
-            "resources": self.placement["resources"],
-            "label_selector": self.placement["label_selector"],
-            "gpu_memory_limit_mb": self.placement["gpu_memory_limit_mb"],
-            "placement": self.placement,
-            "estimated_epoch_seconds": self.estimated_epoch_seconds,
-        }
-        return {"plan": self.plan.name, "trial": trial}
 
 
 @dataclass
@@ -163,101 +121,6 @@ class Planner:
         return PlacedTrial(placed_plan, summary, seconds, refusal, placement.reason)
 
 
-def flat_params(placed: PlacedTrial) -> dict[str, str]:
-    """A trial's MLflow params: family, size, estimates, training and model config fields."""
-    import json
-
-    plan = placed.plan
-    params = {
-        "family": plan.model["family"],
-        "plan_name": plan.name,
-        "phase": plan.phase,
-        "param_count": str(placed.placement["param_count"]),
-        "estimated_memory_mb": f"{placed.placement['estimated_mb']:.1f}",
-        "estimated_epoch_seconds": f"{placed.estimated_epoch_seconds:.4g}",
-        "placement": placed.placement["status"],
-    }
-    host = placed.placement.get("host_mb", placed.placement["estimated_mb"])
-    params["estimated_host_memory_mb"] = f"{host:.1f}"
-    if plan.warm_start_from:
-        params["warm_start_from"] = plan.warm_start_from
-    for key, value in plan.training.items():
-        params[key] = str(value)
-    for key, value in plan.model.items():
-        if key != "family":
-            text = json.dumps(value) if isinstance(value, dict | list | tuple) else str(value)
-            params[f"model.{key}"] = text[:6000]
-    return params
-
-
-def placed_from_config(config: dict[str, Any]) -> PlacedTrial:
-    """The placed trial a Tune trial config stands for (see `PlacedTrial.tune_config`)."""
-    trial = config["trial"]
-    plan = TrialPlan(
-        trial["name"],
-        trial["model"],
-        trial["training"],
-        trial.get("phase", EXPLORE),
-        trial.get("warm_start", ""),
-        trial.get("warm_start_from", ""),
-    )
-    return PlacedTrial(plan, trial["placement"], float(trial.get("estimated_epoch_seconds", 0.0)))
-
-
-class RefusalRecorder:
-    """Logs refused proposals as child runs of the search (never handed to Tune).
-
-    The searcher runs in the driver, so this is the driver writing; its queue keeps the
-    writes in order and retries them while the tracking server is down.
-    """
-
-    def __init__(
-        self, tracking_uri: str, experiment_id: str, parent_run_id: str, data_info: dict
-    ) -> None:
-        self.tracking_uri = tracking_uri
-        self.experiment_id = experiment_id
-        self.parent_run_id = parent_run_id
-        self.data_info = data_info
-        self.names: list[str] = []
-        self._queue: Any = None
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if k != "_queue"} | {"_queue": None}
-
-    @property
-    def queue(self) -> Any:
-        if self._queue is None:
-            from mlflow.tracking import MlflowClient
-
-            from jobs.tracking import TrackingQueue
-
-            self._queue = TrackingQueue(MlflowClient(self.tracking_uri))
-        return self._queue
-
-    def record(self, placed: PlacedTrial) -> None:
-        from mlflow.entities import Param
-        from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
-
-        self.names.append(placed.plan.name)
-        client = self.queue.client
-        tags = {
-            MLFLOW_PARENT_RUN_ID: self.parent_run_id,
-            layout.TAG_ROLE: layout.ROLE_TRIAL,
-            layout.TAG_FAMILY: placed.plan.model["family"],
-            layout.TAG_STATUS: placed.refusal,
-            layout.TAG_PLAN_NAME: placed.plan.name,
-            layout.TAG_REFUSAL: placed.reason,
-        }
-        params = flat_params(placed)
-
-        def write() -> None:
-            run = client.create_run(self.experiment_id, run_name=placed.plan.name, tags=tags)
-            client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in params.items()])
-            client.set_terminated(run.info.run_id, "FINISHED")
-
-        self.queue.submit(f"refused proposal {placed.plan.name}", write)
-
-
 @dataclass
 class ProposalClock:
     """Seconds this phase of the search has spent, carried across a driver restart (a resumed
@@ -292,7 +155,7 @@ class PlacingSearcher(Searcher):
         self,
         planner: Planner,
         queue: list[TrialPlan | None],
-        recorder: RefusalRecorder,
+        on_refusal: Callable[[PlacedTrial], None],
         clock: ProposalClock,
         *,
         inner: Searcher | None = None,
@@ -305,7 +168,7 @@ class PlacingSearcher(Searcher):
         super().__init__(metric=metric, mode=mode)
         self.planner = planner
         self.queue = list(queue)
-        self.recorder = recorder
+        self.on_refusal = on_refusal  # picklable: the searcher is checkpointed with it
         self.clock = clock
         self.inner = inner
         self.inner_names = list(inner_names or [])
@@ -362,7 +225,7 @@ class PlacingSearcher(Searcher):
             log.warning(
                 "proposal %s not started (%s): %s", plan.name, placed.refusal, placed.reason
             )
-            self.recorder.record(placed)
+            self.on_refusal(placed)
             if inner_id:
                 if placed.refusal == DOES_NOT_FIT:
                     # The worst score: the searcher learns where the workers' memory ends.

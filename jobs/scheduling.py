@@ -2,14 +2,13 @@
 
 A rung compares trials after the same number of epochs. Epochs of every training row and
 epochs of a quarter of them are not the same work: the coursework DNN, trained on every row so
-that its accuracy answers coursework question 2, reached about 0.44 at the 8th epoch, where the
-CNNs explored on a quarter of the rows sat at 0.40 (2026-12-03 budget search); ranked together,
-it would set the first rung's cut-off and stop the CNNs. A trial of another fidelity runs to its
-own end (its `max_epochs`, the time budget) and leaves the rungs to the others. So does a
-plan named in `unranked`, whatever its fidelity: where the explored share is every row (a small
-data set, `jobs.search.EXPLORE_MIN_ROWS`), the coursework DNN is on the explored fidelity, and
-on 20 % of the data it stopped the known-good CNN at the first rung (2026-12-04 22:31,
-BENCHMARKS.md).
+that its accuracy answers coursework question 2, is ahead of CNNs explored on a quarter of the
+rows at the same epoch; ranked together, it would set the first rung's cut-off and stop the
+CNNs. A trial of another fidelity runs to its own end (its `max_epochs`, the time budget) and
+leaves the rungs to the others. So does a plan named in `unranked`, whatever its fidelity:
+where the explored share is every row (a small data set, `jobs.search.explore.
+EXPLORE_MIN_ROWS`), the coursework DNN shares the explored fidelity and would otherwise stop
+the known-good CNN at the first rung (BENCHMARKS.md, the 20 % budget search).
 """
 
 from __future__ import annotations

@@ -59,9 +59,9 @@ def train(settings: TrainSettings) -> dict[str, Any]:
     import mlflow
     from mlflow.tracking import MlflowClient
 
+    from jobs.data import prepare_arrays, resolve_data
     from jobs.resources import MIB
-    from jobs.search import prepare_arrays, resolve_data
-    from jobs.tracking import dataset_inputs, log_keras_model
+    from jobs.tracking.models import dataset_inputs, log_keras_model
     from jobs.training import BEST_MODEL, BEST_PREDICTIONS, EpochLoop, TrainData, TrainingConfig
     from model.configs import build_model, config_to_dict
     from model.memory import estimate_training_memory
@@ -87,12 +87,8 @@ def train(settings: TrainSettings) -> dict[str, Any]:
     apply_precision(policy)  # before the model: its layers take the policy they are built under
     model = build_model(model_config, stats=stats)
     estimate = estimate_training_memory(model, settings.batch_size, optimizer=settings.optimizer)
-    train_data = TrainData(
-        arrays["x_train"],  # uint8: the model casts on entry
-        arrays["y_train"],
-        arrays["x_val"],
-        arrays["y_val"],
-    )
+    # Pixels stay uint8: the model casts on entry.
+    train_data = TrainData(arrays["x_train"], arrays["y_train"], arrays["x_val"], arrays["y_val"])
 
     client = MlflowClient()
     # Inside `mlflow run` this resumes the run it opened (MLFLOW_RUN_ID); else starts one.
@@ -106,42 +102,13 @@ def train(settings: TrainSettings) -> dict[str, Any]:
                 layout.TAG_DATA_SHA: data_info["sha256"],
             }
         )
-        params = {
-            "family": settings.family,
-            "preset": settings.preset,
-            "param_count": model.count_params(),
-            "estimated_memory_mb": round(estimate / MIB, 1),
-            "data_fraction": settings.data_fraction,
-            **{k: v for k, v in vars(training).items()},
-        }
-        for key, value in config_to_dict(model_config).items():
-            if key != "family":
-                params[f"model.{key}"] = (
-                    json.dumps(value) if isinstance(value, dict | list) else value
-                )
+        params = _run_params(settings, model, estimate / MIB, training, model_config)
         mlflow.log_params({k: str(v)[:6000] for k, v in params.items()})
         client.log_inputs(run_id, dataset_inputs(data_info))
 
-        def on_epoch_end(metrics: dict[str, Any], _: Path) -> None:
-            epoch = int(metrics["epoch"])
-            mlflow.log_metrics(
-                {
-                    k: float(v)
-                    for k, v in metrics.items()
-                    if k not in {"epoch", "micro_batch_size", "oom_retries", "planned_epochs"}
-                },
-                step=epoch,
-            )
-            print(
-                f"epoch {epoch}/{training.max_epochs}: "
-                f"val_accuracy {metrics['val_accuracy']:.4f} "
-                f"({metrics['epoch_seconds']:.1f} s)",
-                flush=True,
-            )
-
         with tempfile.TemporaryDirectory() as workdir:
             loop = EpochLoop(lambda: model, train_data, training, Path(workdir))
-            state = loop.run(on_epoch_end)
+            state = loop.run(lambda metrics, _: _log_epoch(metrics, training.max_epochs))
             run_config = layout.run_config(
                 settings.preset or settings.family,
                 config_to_dict(model_config),
@@ -153,7 +120,9 @@ def train(settings: TrainSettings) -> dict[str, Any]:
             digest = layout.log_model_files(client, run_id, best, run_config)
             model_uri = log_keras_model(run_id, best)
             layout.log_predictions(client, run_id, Path(workdir) / BEST_PREDICTIONS)
-        mlflow.set_tags({layout.TAG_STATUS: "finished", layout.TAG_MODEL_URI: model_uri})
+        mlflow.set_tags(
+            {layout.TAG_STATUS: layout.STATUS_FINISHED, layout.TAG_MODEL_URI: model_uri}
+        )
         mlflow.log_metric("best_val_accuracy", state.best_val_accuracy)
     return {
         "run_id": run_id,
@@ -162,6 +131,47 @@ def train(settings: TrainSettings) -> dict[str, Any]:
         "model_sha256": digest,
         "epochs": state.epoch,
     }
+
+
+def _run_params(
+    settings: TrainSettings, model: Any, estimated_mb: float, training: Any, model_config: Any
+) -> dict[str, Any]:
+    """The run's MLflow params: the settings, the model's size and estimate, its config."""
+    from model.configs import config_to_dict
+
+    params = {
+        "family": settings.family,
+        "preset": settings.preset,
+        "param_count": model.count_params(),
+        "estimated_memory_mb": round(estimated_mb, 1),
+        "data_fraction": settings.data_fraction,
+        **{k: v for k, v in vars(training).items()},
+    }
+    for key, value in config_to_dict(model_config).items():
+        if key != "family":
+            params[f"model.{key}"] = json.dumps(value) if isinstance(value, dict | list) else value
+    return params
+
+
+def _log_epoch(metrics: dict[str, Any], max_epochs: int) -> None:
+    """One epoch's metrics to the active run, and a progress line."""
+    import mlflow
+
+    epoch = int(metrics["epoch"])
+    mlflow.log_metrics(
+        {
+            k: float(v)
+            for k, v in metrics.items()
+            if k not in {"epoch", "micro_batch_size", "oom_retries", "planned_epochs"}
+        },
+        step=epoch,
+    )
+    print(
+        f"epoch {epoch}/{max_epochs}: "
+        f"val_accuracy {metrics['val_accuracy']:.4f} "
+        f"({metrics['epoch_seconds']:.1f} s)",
+        flush=True,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,14 +19,10 @@ from typing import Any
 
 import numpy as np
 
-from model.optimizers import OPTIMIZERS
+from jobs.plan import MIN_MICRO_BATCH, TrainingConfig
 
 log = logging.getLogger(__name__)
 
-# "cosine": the rate falls along a half cosine over max_epochs, set at the start of each epoch
-# (by epoch, not by optimizer step, so a resume or a smaller micro-batch after an OOM keeps it).
-LR_SCHEDULES = ("constant", "cosine")
-MIN_MICRO_BATCH = 4
 LAST_MODEL = "model.keras"
 BEST_MODEL = "best.keras"
 # The best epoch's class probabilities on the validation rows, as they are and flipped
@@ -35,77 +31,6 @@ BEST_PREDICTIONS = "best_predictions.npz"
 STATE_FILE = "state.json"
 # Keras clips probabilities to this before taking their log (keras.config.epsilon()).
 _EPSILON = 1e-7
-
-
-@dataclass
-class TrainingConfig:
-    batch_size: int = 64
-    micro_batch_size: int = 64
-    learning_rate: float = 1e-3
-    optimizer: str = "adam"
-    max_epochs: int = 10
-    seed: int = 2017
-    lr_schedule: str = "constant"
-    # Decoupled weight decay of every optimizer; 0 for AdamW means ADAMW_DEFAULT_DECAY.
-    weight_decay: float = 0.0
-    label_smoothing: float = 0.0
-    mixup: float = 0.0  # Beta(alpha, alpha) of mixup (Zhang et al. 2018); 0: off
-    # Stratified share of the training rows this run sees: a lower-fidelity trial
-    # (BENCHMARKS.md, "Budget search"). Validation always uses every row.
-    train_fraction: float = 1.0
-    precision: str = "auto"  # see model/precision.py; resolved by the process that trains
-    # Seconds the epochs may take in all; > 0: after each epoch the run plans as many epochs
-    # as fit in what is left at the measured epoch time (at most max_epochs), and a cosine
-    # schedule ends on the last of them. 0: exactly max_epochs.
-    time_budget_s: float = 0.0
-
-    def __post_init__(self) -> None:
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer: expected one of {OPTIMIZERS}, got {self.optimizer!r}")
-        if self.lr_schedule not in LR_SCHEDULES:
-            raise ValueError(
-                f"lr_schedule: expected one of {LR_SCHEDULES}, got {self.lr_schedule!r}"
-            )
-        if self.batch_size < 1 or self.micro_batch_size < 1:
-            raise ValueError(
-                f"batch_size/micro_batch_size: expected >= 1, got "
-                f"{self.batch_size}/{self.micro_batch_size}"
-            )
-        if self.batch_size % self.micro_batch_size:
-            raise ValueError(
-                f"micro_batch_size: expected a divisor of batch_size {self.batch_size}, "
-                f"got {self.micro_batch_size}"
-            )
-        if not self.learning_rate > 0:
-            raise ValueError(f"learning_rate: expected > 0, got {self.learning_rate}")
-        if self.max_epochs < 1:
-            raise ValueError(f"max_epochs: expected >= 1, got {self.max_epochs}")
-        for name, low, high in (
-            ("weight_decay", 0.0, 0.1),
-            ("label_smoothing", 0.0, 0.5),
-            ("mixup", 0.0, 2.0),
-        ):
-            value = getattr(self, name)
-            if not (isinstance(value, int | float) and low <= value <= high):
-                raise ValueError(f"{name}: expected a number in [{low}, {high}], got {value!r}")
-        from model.precision import check_precision
-
-        check_precision(self.precision)
-        if not (isinstance(self.train_fraction, int | float) and 0 < self.train_fraction <= 1):
-            raise ValueError(
-                f"train_fraction: expected a number in (0, 1], got {self.train_fraction!r}"
-            )
-        if not (isinstance(self.time_budget_s, int | float) and self.time_budget_s >= 0):
-            raise ValueError(f"time_budget_s: expected a number >= 0, got {self.time_budget_s!r}")
-
-    @property
-    def soft_labels(self) -> bool:
-        """Label smoothing and mixup train on one-hot (mixed) labels, not class indices."""
-        return self.label_smoothing > 0 or self.mixup > 0
-
-    @property
-    def accumulation_steps(self) -> int:
-        return self.batch_size // self.micro_batch_size
 
 
 @dataclass

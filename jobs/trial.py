@@ -182,7 +182,7 @@ def _training_config(config: dict[str, Any]) -> TrainingConfig:
 
 
 def plan_of(config: dict[str, Any]) -> dict[str, Any]:
-    """The placed trial a Tune config carries (`jobs.proposals.PlacedTrial.tune_config`)."""
+    """The placed trial a Tune config carries (`jobs.plan.PlacedTrial.tune_config`)."""
     return config["trial"]
 
 
@@ -200,7 +200,7 @@ def warm_start_file(location: str, directory: Path) -> Path | None:
 
 
 def train_trial(config: dict[str, Any], data: dict[str, Any] | None = None) -> None:
-    """Tune trainable: trains the placed trial `plan_of(config)` (see jobs/proposals.py)."""
+    """Tune trainable: trains the placed trial `plan_of(config)` (see jobs/plan.py)."""
     from ray import tune
 
     entered = time.perf_counter()

@@ -43,6 +43,18 @@ ROLE_TRIAL = "trial"
 ROLE_TRAIN = "train"
 TAG_FAMILY = "fer.family"
 TAG_STATUS = "fer.trial_status"
+# The values of `fer.trial_status`: how a trial's child run ended.
+STATUS_FINISHED = "finished"
+STATUS_EARLY_STOPPED = "early_stopped"
+STATUS_FAILED = "failed"
+STATUS_DOES_NOT_FIT = "does_not_fit"  # refused before launch: fits no worker's memory
+STATUS_OVER_BUDGET = "over_budget"  # refused before launch: cannot reach its first rung in time
+STATUS_SUPERSEDED = "superseded"  # a resumed search's orphan, closed and deleted
+REFUSED_STATUSES = (STATUS_DOES_NOT_FIT, STATUS_OVER_BUDGET)
+TRAINED_STATUSES = (STATUS_FINISHED, STATUS_EARLY_STOPPED)
+# The values of `fer.phase`.
+PHASE_EXPLORE = "explore"
+PHASE_FINAL = "final"
 TAG_PLAN_NAME = "fer.plan_name"
 TAG_PHASE = "fer.phase"
 TAG_REFUSAL = "fer.refusal"  # why a proposal was not started (does_not_fit / over_budget)

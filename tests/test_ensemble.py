@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 
 from jobs.ensemble import Candidate, build_and_log, choose
-from jobs.parent import SearchResult, finalise
+from jobs.search.ensemble import EnsembleResult
+from jobs.search.register import choose_champion
+from jobs.search.summary import write_summary
 from jobs.settings import SearchSettings
 from model.ensemble import build_ensemble, greedy_selection, split_halves
 from schema import run as layout
@@ -195,8 +197,8 @@ def test_ensemble_run_and_the_champion_rule_both_ways(tracking, tmp_path: Path) 
                 ),
             ),
         )
-        result = SearchResult(parent_id, None, None, "tune")
-        finalise(tracking, parent_id, settings, result, forced)
+        summary = write_summary(tracking, parent_id, settings)
+        result = choose_champion(tracking, parent_id, settings, summary, EnsembleResult(forced))
         parent = tracking.get_run(parent_id)
         expected = outcome.run_id if beats else result.best_run_id
         assert parent.data.tags[layout.TAG_CHAMPION] == ("ensemble" if beats else "single")
@@ -206,4 +208,4 @@ def test_ensemble_run_and_the_champion_rule_both_ways(tracking, tmp_path: Path) 
         version = tracking.get_model_version_by_alias(layout.REGISTERED_MODEL, "champion")
         assert version.run_id == expected
         # The ensemble is not a trial: trials.csv and the budget count the three.
-        assert len(result.trials) == 3
+        assert len(summary.trials) == 3

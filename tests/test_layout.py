@@ -61,3 +61,96 @@ def test_every_tag_is_spelled_in_the_schema_only() -> None:
     if found:
         stray["pipeline.py"] = found
     assert not stray, f"tag literals outside schema/: {stray}"
+
+
+def module_graph(root: Path, layers: tuple[str, ...]) -> dict[str, set[str]]:
+    """Project module -> the project modules it imports, anywhere in it (lazy imports too).
+
+    `from a.b import c` is an edge to the module `a.b.c` where it exists, else to `a.b`;
+    `import a.b` to `a.b`. An edge goes to the module named, not to the packages above it.
+    """
+    modules: dict[str, Path] = {}
+    for layer in layers:
+        base = root / layer
+        paths = sorted(base.rglob("*.py")) if base.is_dir() else [root / f"{layer}.py"]
+        for path in paths:
+            parts = list(path.relative_to(root).with_suffix("").parts)
+            if parts[-1] == "__init__":
+                parts.pop()
+            modules[".".join(parts)] = path
+
+    def resolve(name: str) -> str | None:
+        while name and name not in modules:
+            name = name.rpartition(".")[0]
+        return name or None
+
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                targets |= {resolve(alias.name) for alias in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    anchor = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                    base = f"{anchor}.{base}" if base else anchor
+                for alias in node.names:
+                    targets.add(resolve(f"{base}.{alias.name}") if base else None)
+        graph[name] = {t for t in targets if t and t != name}
+    return graph
+
+
+def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Every strongly connected set of more than one module (Tarjan's algorithm)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    cycles: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for target in graph.get(node, ()):
+            if target not in index:
+                visit(target)
+                low[node] = min(low[node], low[target])
+            elif target in on_stack:
+                low[node] = min(low[node], index[target])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                cycles.append(sorted(component))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return cycles
+
+
+def test_no_package_has_an_import_cycle() -> None:
+    graph = module_graph(ROOT, ("model", "schema", "jobs", "viz", "pipeline"))
+    assert "jobs.tracking.trials" in graph and "jobs.plan" in graph["jobs.tracking.trials"]
+    cycles = import_cycles(graph)
+    assert not cycles, f"import cycles (lazy imports included): {cycles}"
+
+
+def test_the_cycle_check_sees_a_cycle_through_a_lazy_import(tmp_path: Path) -> None:
+    package = tmp_path / "pkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "a.py").write_text("from pkg.b import thing\n")
+    (package / "b.py").write_text("def thing():\n    from . import a\n")
+    (package / "c.py").write_text("import pkg.a\n")
+    graph = module_graph(tmp_path, ("pkg",))
+    assert graph["pkg.b"] == {"pkg.a"} and graph["pkg.c"] == {"pkg.a"}
+    assert import_cycles(graph) == [["pkg.a", "pkg.b"]]

@@ -11,28 +11,25 @@ import numpy as np
 import pytest
 from ray.tune.search import Searcher
 
+from jobs.plan import PlacedTrial, TrialPlan
 from jobs.proposals import (
     DOES_NOT_FIT,
     OVER_BUDGET,
     REFUSED_SCORE,
     SETUP_SECONDS,
-    PlacedTrial,
     PlacingSearcher,
     Planner,
     ProposalClock,
-    RefusalRecorder,
-    TrialPlan,
 )
 from jobs.resources import GIB, MIB, WorkerBudget
 from jobs.scheduling import SameFidelityASHA
-from jobs.search import (
+from jobs.search.explore import (
     EXPLORE_MIN_ROWS,
-    FINAL_FILL,
     SpacePlanMaker,
     _explore_searcher,
     explore_fraction,
-    final_plans,
 )
+from jobs.search.final import FINAL_FILL, final_plans
 from jobs.settings import SearchSettings
 from jobs.space import (
     FAST_CNN,
@@ -44,14 +41,14 @@ from jobs.space import (
 from jobs.timing import Calibration
 
 
-class Recorder(RefusalRecorder):
-    """Keeps refused proposals in memory instead of writing child runs."""
+class Recorder:
+    """The searcher's `on_refusal`: keeps refused proposals in memory (no child runs)."""
 
     def __init__(self) -> None:
-        super().__init__("sqlite:///unused.db", "0", "parent", {})
+        self.names: list[str] = []
         self.refused: list[PlacedTrial] = []
 
-    def record(self, placed: PlacedTrial) -> None:
+    def __call__(self, placed: PlacedTrial) -> None:
         self.names.append(placed.plan.name)
         self.refused.append(placed)
 
@@ -346,7 +343,7 @@ def test_worker_budget_sized_placement_is_recorded_on_the_plan() -> None:
 
 
 def test_a_coursework_model_the_budget_could_not_train_is_said_so_in_words() -> None:
-    from jobs.parent import _note_undertrained_coursework
+    from jobs.search.summary import _note_undertrained_coursework
     from schema import run as layout
 
     def run(name: str, epochs: int, fraction: float) -> Any:
@@ -431,7 +428,7 @@ def test_on_a_gpu_worker_the_card_holds_the_step_and_host_memory_the_rest() -> N
 
 
 def test_a_trial_over_its_reservation_is_told_apart_host_and_card() -> None:
-    from jobs.tracking import memory_over_reservation
+    from jobs.tracking.trials import memory_over_reservation
 
     cpu = {"estimated_mb": 100.0, "host_mb": 100.0, "resources": {"CPU": 1, "memory": 1.0}}
     assert memory_over_reservation({"peak_memory_mb": 119.0}, cpu) == ""

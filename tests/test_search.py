@@ -282,7 +282,8 @@ def test_pending_trials_are_capped_only_for_a_local_search(
     pending trial at a time keeps the plan order locally. A cluster (its autoscaler scales on
     pending requests) gets its slots' worth (Tune's default with a searcher is one), and a
     value the user set is left alone."""
-    from jobs.search import PENDING_TRIALS_ENV, _trials_in_plan_order
+    from jobs.search.context import PENDING_TRIALS_ENV
+    from jobs.search.tune_phase import trials_in_plan_order as _trials_in_plan_order
 
     monkeypatch.delenv(PENDING_TRIALS_ENV, raising=False)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
@@ -454,7 +455,7 @@ def test_the_final_trains_the_best_config_until_its_share_of_the_budget_is_spent
     assert time.time() - started < 120 + 90  # the search as a whole: its budget, then tracking
     # Each real trial's memory estimate (its model's step, the calibrated runtime, its data)
     # against its own measured peak: a loose bound here, the benchmark holds the tight one.
-    from jobs.parent import memory_rows
+    from jobs.search.summary import memory_rows
 
     rows = memory_rows(runs)
     assert {row["name"] for row in rows} >= {final.info.run_name}

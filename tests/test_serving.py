@@ -24,8 +24,8 @@ def test_mlflow_models_serve_answers_a_request_of_raw_pixels(champion: str, tmp_
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from jobs.parent import register_champion
-    from jobs.tracking import log_keras_model
+    from jobs.search.register import register_champion
+    from jobs.tracking.models import log_keras_model
     from model.configs import CNNConfig, build_model
     from model.ensemble import build_ensemble
 

@@ -242,18 +242,10 @@ def _strip_spans(a: np.ndarray, s: np.ndarray, e: np.ndarray) -> tuple[np.ndarra
     return s, e
 
 
-def _parse_block(
-    block: bytes,
-    first_line: int,
-    cols: _Columns,
-    name: str,
-    skip_bad_rows: bool,
-    scratch: _Scratch,
-) -> tuple[_Parsed, int]:
-    """Parse the complete lines of one block; returns the rows and the block's line count."""
-    if not block.endswith(b"\n"):
-        block += b"\n"
-    a = np.frombuffer(block, dtype=np.uint8)
+def _line_spans(
+    a: np.ndarray, block: bytes, first_line: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """Start, end and line number of each non-blank line of `block`, and its line count."""
     newlines = np.flatnonzero(a == 10)
     n_lines = len(newlines)
     starts = np.empty(n_lines, dtype=np.int64)
@@ -270,6 +262,22 @@ def _parse_block(
     if blank.any():
         keep = ~blank
         starts, ends, line_no = starts[keep], ends[keep], line_no[keep]
+    return starts, ends, line_no, n_lines
+
+
+def _parse_block(
+    block: bytes,
+    first_line: int,
+    cols: _Columns,
+    name: str,
+    skip_bad_rows: bool,
+    scratch: _Scratch,
+) -> tuple[_Parsed, int]:
+    """Parse the complete lines of one block; returns the rows and the block's line count."""
+    if not block.endswith(b"\n"):
+        block += b"\n"
+    a = np.frombuffer(block, dtype=np.uint8)
+    starts, ends, line_no, n_lines = _line_spans(a, block, first_line)
     n = len(starts)
     if n == 0:
         return _empty_parsed(), n_lines

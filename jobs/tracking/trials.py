@@ -1,29 +1,22 @@
-"""MLflow from the Tune driver: one parent run per search, one child run per trial.
-
-The driver is the only process that writes to the tracking store (trials report to Tune), so
-a SQLite store sees one writer, and one queue can buffer writes while a tracking server is
-unreachable: every operation is queued in order and flushed when the server answers again.
-"""
+"""The Tune callback that writes each trial's child run: params, per-epoch metrics, the model."""
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from mlflow.entities import Metric, Param, RunTag
-from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from ray import tune
 
-from jobs.proposals import flat_params, placed_from_config
+from jobs.plan import flat_params, placed_from_config
+from jobs.tracking.models import dataset_inputs, log_keras_model
+from jobs.tracking.queue import TrackingQueue
 from jobs.training import BEST_MODEL, BEST_PREDICTIONS
 from schema import run as layout
 
@@ -51,8 +44,6 @@ START_METRICS = ("setup_seconds",)
 # On early-stopped trials: "scheduler" (ASHA) or "time_budget" (see _stop_reason).
 TAG_STOP_REASON = layout.TAG_STOP_REASON
 STOP_MARGIN_S = 10.0
-# Errors that will not go away by retrying (bad value, duplicate): drop the op, don't block.
-_PERMANENT = {"INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST"}
 
 
 def memory_over_reservation(result: dict[str, Any], placement: dict[str, Any]) -> str:
@@ -73,209 +64,6 @@ def memory_over_reservation(result: dict[str, Any], placement: dict[str, Any]) -
                 f"{estimate:.0f} MiB ({peak / estimate:.2f}x)"
             )
     return "; ".join(found)
-
-
-class TrackingUnavailable(RuntimeError):
-    """The tracking server stayed unreachable; the message says what was not sent."""
-
-
-def quick_failing_client_env() -> None:
-    """Make one MLflow HTTP call fail in seconds, not minutes: the queue does the retrying."""
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
-
-
-class TrackingQueue:
-    """Ordered MLflow writes that survive a server outage."""
-
-    def __init__(self, client: MlflowClient) -> None:
-        self.client = client
-        self.pending: list[tuple[str, Callable[[], Any], Callable[[], Any] | None]] = []
-        self.last_error: str = ""
-        self.dropped = 0
-
-    def submit(
-        self, what: str, operation: Callable[[], Any], cleanup: Callable[[], Any] | None = None
-    ) -> None:
-        """Queue `operation`; `cleanup` runs once it is sent, refused for good, or given up on
-        (local files an operation uploads must outlive its retries, and no longer)."""
-        self.pending.append((what, operation, cleanup))
-        self.flush()
-
-    def flush(self) -> bool:
-        """Send what is queued, in order; False if the store is still unreachable."""
-        while self.pending:
-            what, operation, _ = self.pending[0]
-            try:
-                operation()
-            except MlflowException as error:
-                if error.error_code in _PERMANENT:
-                    log.warning("MLflow refused %s: %s (dropped)", what, error.message[:300])
-                    self.dropped += 1
-                    self._pop()
-                    continue
-                self._remember(what, error)
-                return False
-            except Exception as error:  # connection refused, timeout, 5xx from a proxy
-                self._remember(what, error)
-                return False
-            self._pop()
-        return True
-
-    def _pop(self) -> None:
-        _, _, cleanup = self.pending.pop(0)
-        if cleanup is not None:
-            cleanup()
-
-    def abandon(self) -> None:
-        """Give up on every queued write, running their cleanups."""
-        while self.pending:
-            self._pop()
-
-    def _remember(self, what: str, error: Exception) -> None:
-        message = f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"
-        if message != self.last_error:
-            log.warning(
-                "tracking store unreachable while sending %s (%s); %d write(s) queued",
-                what,
-                message,
-                len(self.pending),
-            )
-        self.last_error = message
-
-    def drain(self, timeout_s: float) -> None:
-        """Flush, retrying until `timeout_s`; raise TrackingUnavailable if writes remain."""
-        deadline = time.monotonic() + timeout_s
-        delay = 1.0
-        while not self.flush():
-            if time.monotonic() >= deadline:
-                message = (
-                    f"the MLflow tracking store ({self.client.tracking_uri}) stayed unreachable "
-                    f"for {timeout_s:.0f} s: {len(self.pending)} write(s) not sent, first: "
-                    f"{self.pending[0][0]}; last error: {self.last_error}. Trial checkpoints "
-                    f"are kept in Tune storage."
-                )
-                self.abandon()
-                raise TrackingUnavailable(message)
-            time.sleep(delay)
-            delay = min(delay * 2, 10.0)
-
-
-def dataset_inputs(data_info: dict[str, Any]) -> list[Any]:
-    """The run's training and validation data as MLflow datasets (the UI's Dataset column).
-
-    The digest is the first 24 hex digits of the file's SHA-256 and the context (MLflow keeps
-    36 characters); the profile holds the whole hash, the rows, the fraction and the seed.
-    """
-    from mlflow.entities import Dataset, DatasetInput, InputTag
-    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
-
-    sha = data_info["sha256"]
-    source = str(data_info["source"])
-    inputs = []
-    for usage, rows_key in (
-        (data_info["train_usage"], "train_rows"),
-        (data_info["val_usage"], "val_rows"),
-    ):
-        context = layout.DATASET_CONTEXTS[usage]
-        profile = {
-            "usage": usage,
-            "rows": data_info.get(rows_key),
-            "sha256": sha,
-            "data_fraction": data_info["data_fraction"],
-            "seed": data_info["seed"],
-        }
-        dataset = Dataset(
-            name=layout.DATASET_NAME,
-            digest=f"{sha[:24]}-{context}",
-            source_type="s3" if source.startswith("s3://") else "local",
-            source=json.dumps({"uri": source}),
-            profile=json.dumps(profile),
-        )
-        inputs.append(DatasetInput(dataset, [InputTag(MLFLOW_DATASET_CONTEXT, context)]))
-    return inputs
-
-
-def pip_requirements() -> list[str]:
-    import keras
-    import tensorflow as tf
-
-    # Given explicitly so MLflow does not spend a subprocess inferring them.
-    return [f"tensorflow=={tf.__version__}", f"keras=={keras.__version__}"]
-
-
-def log_keras_model(run_id: str, model_file: Path) -> str:
-    """Log `model_file` as the MLflow Keras flavour (with signature) of `run_id`; return its URI.
-
-    The file is copied into the flavour as it is: loading it only to have MLflow save it
-    again cost the driver 1.3 s per trial (BENCHMARKS.md, "Trial overhead").
-    """
-    import mlflow
-    from mlflow.models import Model
-
-    info = Model.log(
-        artifact_path=None,
-        name=layout.MLFLOW_MODEL_NAME,
-        flavor=mlflow.keras,
-        model=_SavedKerasFile(model_file),
-        run_id=run_id,
-        signature=fer_signature(model_file),
-        pip_requirements=pip_requirements(),
-    )
-    return info.model_uri
-
-
-class _SavedKerasFile:
-    """A saved `.keras` file in the place of a Keras model: `mlflow.keras.save_model` only
-    calls `save(path)` on the model it is given (the flavour's `data/model.keras`)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = Path(path)
-
-    def save(self, target: str, **kwargs: Any) -> None:
-        if kwargs:
-            raise ValueError(f"{self.path}: a copied model file takes no save options: {kwargs}")
-        shutil.copyfile(self.path, target)
-
-
-def fer_signature(model_file: Path | None = None) -> Any:
-    """The MLflow signature of every model `model.configs` builds: pixels in, 7 probabilities out.
-
-    With `model_file`, its input is checked against that contract first (read from the
-    archive's `config.json`, without loading the model).
-    """
-    import numpy as np
-    from mlflow.models import ModelSignature
-    from mlflow.types.schema import Schema, TensorSpec
-
-    from model.preprocessing import IMAGE_SHAPE, NUM_CLASSES
-
-    if model_file is not None:
-        found = keras_file_inputs(Path(model_file))
-        expected = [((None, *IMAGE_SHAPE), "float32")]
-        if found != expected:
-            raise ValueError(
-                f"{model_file}: expected one float32 input of shape {expected[0][0]}, found {found}"
-            )
-    return ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype("float32"), (-1, *IMAGE_SHAPE))]),
-        outputs=Schema([TensorSpec(np.dtype("float32"), (-1, NUM_CLASSES))]),
-    )
-
-
-def keras_file_inputs(model_file: Path) -> list[tuple[tuple[int | None, ...], str]]:
-    """(shape, dtype) of each input layer of a saved functional `.keras` model."""
-    import zipfile
-
-    with zipfile.ZipFile(model_file) as archive:
-        config = json.loads(archive.read("config.json"))
-    inputs = []
-    for layer in config["config"]["layers"]:
-        if layer["class_name"] == "InputLayer":
-            layer_config = layer["config"]
-            inputs.append((tuple(layer_config["batch_shape"]), str(layer_config["dtype"])))
-    return inputs
 
 
 class MLflowTrialLogger(tune.Callback):
@@ -448,13 +236,13 @@ class MLflowTrialLogger(tune.Callback):
         )
         epochs_done = int((last_result or {}).get("epoch", 0))
         if error is not None:
-            status, tag = "FAILED", "failed"
+            status, tag = "FAILED", layout.STATUS_FAILED
         elif epochs_done < max_epochs:
-            status, tag = "FINISHED", "early_stopped"
+            status, tag = "FINISHED", layout.STATUS_EARLY_STOPPED
         else:
-            status, tag = "FINISHED", "finished"
+            status, tag = "FINISHED", layout.STATUS_FINISHED
         extra_tags = {}
-        if tag == "early_stopped":
+        if tag == layout.STATUS_EARLY_STOPPED:
             extra_tags[TAG_STOP_REASON] = self._stop_reason()
         over = memory_over_reservation(last_result or {}, placed.placement)
         if over:

@@ -1,0 +1,192 @@
+"""Explore: the fixed points, then TPE's proposals, on a share of the rows, ASHA stopping the weak.
+
+Every proposal is placed by memory and time before Ray sees it (`jobs/proposals.py`); the
+refused ones reach MLflow through the `on_refusal` callable the searcher is given.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from jobs.plan import TrialPlan
+from jobs.proposals import PlacingSearcher, Planner, ProposalClock
+from jobs.search.context import SearchContext
+from jobs.search.tune_phase import TuneSpec, fit
+from jobs.settings import SearchSettings
+from jobs.tracking.queue import drain_seconds
+from jobs.tracking.refusals import RefusalRecorder
+from jobs.tracking.trials import MLflowTrialLogger
+
+# TPE's random start-up proposals before it models the results (Optuna's default is 10: more
+# than a CPU budget of an hour starts at all).
+TPE_STARTUP_TRIALS = 4
+# An explored trial sees at least this many training rows (all of them where there are
+# fewer): a quarter of the full Training split, the fidelity that ranked configs in the
+# 60-minute searches; on fewer rows the explored ranking fell behind KerasTuner's on all of
+# them (BENCHMARKS.md).
+EXPLORE_MIN_ROWS = 7000
+
+
+@dataclass(frozen=True)
+class ExploreResult:
+    """The explored trials (Tune's result grid), what the final phase picks from."""
+
+    grid: Any  # ray.tune.ResultGrid
+
+
+def explore(ctx: SearchContext) -> ExploreResult:
+    """Run (or resume) the explore phase within its share of the budget."""
+    settings, run = ctx.settings, ctx.run
+    recorder = RefusalRecorder(run.tracking_uri, run.experiment_id, run.parent_id, ctx.data.info)
+    plans = list(ctx.plans) if ctx.plans is not None else None
+    searcher = _explore_searcher(settings, ctx.planner, recorder, ctx.explore_s, plans)
+    logger = MLflowTrialLogger(
+        run.tracking_uri,
+        run.experiment_id,
+        run.parent_id,
+        ctx.data.info,
+        time_budget_s=ctx.explore_s,
+    )
+    spec = TuneSpec(
+        path=run.tune_path,
+        searcher=searcher,
+        logger=logger,
+        budget_s=ctx.explore_s,
+        num_samples=settings.num_samples if plans is None else len(plans),
+        restore=run.resumed,
+        ranked_fraction=settings.explore_fraction if plans is None else 1.0,
+    )
+    grid = fit(ctx, spec)
+    recorder.queue.drain(drain_seconds())
+    return ExploreResult(grid)
+
+
+def _plans(
+    dicts: list[dict[str, Any]], train_fraction: float, precision: str = "auto"
+) -> list[TrialPlan]:
+    return [
+        TrialPlan(
+            p["name"],
+            p["model"],
+            {"train_fraction": train_fraction, "precision": precision, **p["training"]},
+        )
+        for p in dicts
+    ]
+
+
+def explore_fraction(settings: SearchSettings, train_rows: int) -> float:
+    """The share of the training rows an explored trial sees: `explore_fraction`, raised to
+    EXPLORE_MIN_ROWS rows (every row where there are fewer)."""
+    if train_rows <= 0:
+        return settings.explore_fraction
+    return max(settings.explore_fraction, min(1.0, EXPLORE_MIN_ROWS / train_rows))
+
+
+def plan_trials(
+    settings: SearchSettings, budget: Any, plans: list[dict[str, Any]] | None = None
+) -> list[dict[str, Any]]:
+    """Place the fixed points (or `plans`) on `budget`: entries {"plan", "placement"}.
+
+    What the search launches first, and what its parent run's `search/space.json` lists.
+    """
+    from jobs.space import fixed_points, parse_families
+
+    if plans is None:
+        fixed = fixed_points(parse_families(settings.families), settings.max_epochs, settings.seed)
+        plans = fixed[: settings.num_samples]
+        fraction = settings.explore_fraction
+    else:
+        fraction = 1.0
+    planner = Planner(budget, settings.cpus_per_trial, 1, 0)
+    entries = []
+    for plan in _plans(plans, fraction, settings.precision):
+        placed = planner.place(plan)
+        entries.append({"plan": placed.plan.to_dict(), "placement": placed.placement})
+    return entries
+
+
+def _explore_searcher(
+    settings: SearchSettings,
+    planner: Planner,
+    on_refusal: Any,
+    budget_s: float,
+    plans: list[dict[str, Any]] | None,
+) -> PlacingSearcher:
+    """Fixed points first (the known-good CNN as the model-based searcher's first point), then
+    TPE's proposals; or exactly `plans`, in order (benchmarks comparing fixed configs)."""
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    from jobs.space import (
+        Space,
+        adaptive_families,
+        fast_cnn_point,
+        fixed_points,
+        parse_families,
+    )
+
+    clock = ProposalClock(budget_s)
+    if plans is not None:
+        fixed_plans = _plans(plans, 1.0, settings.precision)
+        return PlacingSearcher(
+            planner, fixed_plans, on_refusal, clock, grace_epochs=grace_epochs(settings, 1.0)
+        )
+    common = {"grace_epochs": grace_epochs(settings, settings.explore_fraction)}
+    families = parse_families(settings.families)
+    fixed = fixed_points(families, settings.max_epochs, settings.seed)
+    queue: list[TrialPlan | None] = []
+    for plan in _plans(fixed, settings.explore_fraction, settings.precision):
+        # The known-good CNN is a point of the space: the model-based searcher runs it first.
+        queue.append(None if plan.name == "cnn-fast" else plan)
+    searched = adaptive_families(families)
+    points = [fast_cnn_point(searched)] if "cnn" in searched else []
+    inner = OptunaSearch(
+        space=Space(searched),
+        metric="best_val_accuracy",
+        mode="max",
+        points_to_evaluate=points,
+        sampler=optuna.samplers.TPESampler(seed=settings.seed, n_startup_trials=TPE_STARTUP_TRIALS),
+    )
+    return PlacingSearcher(
+        planner,
+        queue[: settings.num_samples],
+        on_refusal,
+        clock,
+        inner=inner,
+        inner_names=["cnn-fast"] if points else [],
+        make_plan=SpacePlanMaker(
+            settings.max_epochs, settings.seed, settings.explore_fraction, settings.precision
+        ),
+        **common,
+    )
+
+
+def grace_epochs(settings: SearchSettings, train_fraction: float) -> int:
+    """ASHA's first rung in epochs of `train_fraction` of the rows: `grace_epochs` full-data
+    epochs' worth of images (a quarter of the rows takes four times the epochs to see as many
+    images, and a CNN needs that many before it ranks above a DNN)."""
+    epochs = math.ceil(settings.grace_epochs / train_fraction - 1e-9)
+    return max(1, min(epochs, settings.max_epochs))
+
+
+class SpacePlanMaker:
+    """Turns a point of the space into a trial plan (picklable: the searcher is checkpointed)."""
+
+    def __init__(
+        self, max_epochs: int, seed: int, train_fraction: float, precision: str = "auto"
+    ) -> None:
+        self.max_epochs = max_epochs
+        self.seed = seed
+        self.train_fraction = train_fraction
+        self.precision = precision
+
+    def __call__(self, params: dict[str, Any], name: str) -> TrialPlan:
+        from jobs.space import model_from_params, training_from_params
+        from model.configs import config_to_dict
+
+        training = training_from_params(params, self.max_epochs, self.seed)
+        training["train_fraction"] = self.train_fraction
+        training["precision"] = self.precision
+        return TrialPlan(name, config_to_dict(model_from_params(params)), training)

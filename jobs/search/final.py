@@ -1,0 +1,188 @@
+"""Final: the best explored configs go on from their explored weights, on every row, to the end.
+
+The last `final_budget_share` of the budget trains them on a cosine schedule sized to end with
+the budget; each plans its epochs on its measured epoch time (jobs/training.py).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from jobs.plan import FINAL, TrialPlan, placed_from_config
+from jobs.proposals import SETUP_SECONDS, PlacingSearcher, Planner, ProposalClock
+from jobs.search.context import FINAL_SUFFIX, SearchContext, slots
+from jobs.search.explore import ExploreResult
+from jobs.search.tune_phase import TuneSpec, fit
+from jobs.settings import SearchSettings
+from jobs.tracking.queue import drain_seconds
+from jobs.tracking.refusals import RefusalRecorder
+from jobs.tracking.trials import MLflowTrialLogger
+
+log = logging.getLogger("jobs.search")
+# The final trials' epochs fill this share of the time left. They plan their epochs on their
+# measured epoch time, so the rest is a margin for the last epoch's spread and the ensemble.
+FINAL_FILL = 0.95
+# A final slot goes to another config only within this of the best explored accuracy.
+FINAL_MAX_GAP = 0.05
+
+
+@dataclass(frozen=True)
+class FinalResult:
+    """What the final phase trained (empty where nothing fit, or nothing was left to train)."""
+
+    names: tuple[str, ...]
+    seconds_left: float
+
+
+def final(ctx: SearchContext, explored: ExploreResult) -> FinalResult | None:
+    """Train the best explored configs in the time left; None where the search has no final."""
+    from ray import tune
+
+    if ctx.final_share <= 0:
+        return None
+    run = ctx.run
+    # A resumed search cannot tell how long it was down: its final gets its share.
+    if run.resumed:
+        seconds_left = ctx.final_share * ctx.total_s
+    else:
+        seconds_left = ctx.total_s - (time.time() - ctx.started)
+    final_path = run.tune_path + FINAL_SUFFIX
+    restore = run.resumed and tune.Tuner.can_restore(final_path)
+    settings = ctx.settings
+    plans = (
+        []
+        if restore
+        else final_plans(
+            settings, explored.grid, ctx.planner, seconds_left, slots(settings.cpus_per_trial)
+        )
+    )
+    if not restore and not plans:
+        log.info("final: nothing to train (%.0f s left)", seconds_left)
+        return FinalResult((), seconds_left)
+    log.info("final: %s in %.0f s", ", ".join(p.name for p in plans) or "resumed", seconds_left)
+    recorder = RefusalRecorder(run.tracking_uri, run.experiment_id, run.parent_id, ctx.data.info)
+    searcher = PlacingSearcher(
+        ctx.planner, list(plans), recorder, ProposalClock(seconds_left), grace_epochs=1
+    )
+    logger = MLflowTrialLogger(
+        run.tracking_uri, run.experiment_id, run.parent_id, ctx.data.info, seconds_left
+    )
+    spec = TuneSpec(
+        path=final_path,
+        searcher=searcher,
+        logger=logger,
+        budget_s=seconds_left,
+        num_samples=max(1, len(plans)),
+        restore=restore,
+        ranked_fraction=None,
+        phase=FINAL,
+    )
+    fit(ctx, spec)
+    recorder.queue.drain(drain_seconds())
+    return FinalResult(tuple(p.name for p in plans), seconds_left)
+
+
+def final_plans(
+    settings: SearchSettings, grid: Any, planner: Planner, seconds_left: float, slots: int
+) -> list[TrialPlan]:
+    """The best explored configs go on from their explored weights, on every row, for as many
+    epochs as fit in the time left (planned again after each epoch on its measured time), on a
+    cosine schedule that ends on the last of them.
+
+    The slots go to distinct configs within FINAL_MAX_GAP of the best; a slot left over trains
+    the best config again with another shuffle seed (a second model of the best config is
+    worth more than a config ten points worse).
+    """
+    from jobs.space import COURSEWORK_POINTS
+
+    ranked = []
+    for result in grid:
+        metrics = result.metrics or {}
+        if not result.config or "best_val_accuracy" not in metrics:
+            continue
+        if result.config["plan"] in COURSEWORK_POINTS:
+            continue  # trained for the coursework comparison, not a candidate
+        ranked.append((float(metrics["best_val_accuracy"]), result))
+    ranked.sort(key=lambda pair: -pair[0])
+    wanted = min(settings.final_trials, slots)
+    picks: list[tuple[Any, int]] = []  # (explored result, copy number)
+    seen: set[str] = set()
+    for accuracy, result in ranked:
+        explored = placed_from_config(result.config)
+        key = json.dumps([explored.plan.model, _without_fidelity(explored.plan.training)])
+        if len(picks) < wanted and key not in seen and accuracy >= ranked[0][0] - FINAL_MAX_GAP:
+            seen.add(key)
+            picks.append((result, 0))
+    while picks and len(picks) < wanted:
+        picks.append((picks[0][0], len(picks)))
+    chosen = []
+    for result, copy in picks:
+        plan = _final_plan(settings, result, copy, planner, seconds_left)
+        if plan is not None:
+            chosen.append(plan)
+    return chosen
+
+
+def _final_plan(
+    settings: SearchSettings, result: Any, copy: int, planner: Planner, seconds_left: float
+) -> TrialPlan | None:
+    explored = placed_from_config(result.config)
+    measured = float(result.metrics.get("epoch_seconds", 0.0))
+    training = {
+        **explored.plan.training,
+        "train_fraction": 1.0,
+        "lr_schedule": "cosine",
+        "max_epochs": settings.max_epochs,
+        "seed": int(explored.plan.training["seed"]) + copy,
+    }
+    full = planner.place(TrialPlan(explored.plan.name, explored.plan.model, training, FINAL))
+    # What the explored trial measured corrects the estimate (same worker kind, same load).
+    estimated = explored.estimated_epoch_seconds
+    ratio = measured / estimated if estimated > 0 and measured > 0 else 1.0
+    per_epoch = full.estimated_epoch_seconds * min(max(ratio, 0.5), 2.0)
+    budget_s = seconds_left * FINAL_FILL - SETUP_SECONDS
+    epochs = settings.max_epochs
+    if per_epoch > 0:
+        epochs = min(epochs, int(budget_s // per_epoch))
+    if epochs < 1:
+        log.info("final: no epoch of %s fits in %.0f s", explored.plan.name, seconds_left)
+        return None
+    log.info(
+        "final: %s, about %d epochs of %.0f s estimated in %.0f s",
+        explored.plan.name,
+        epochs,
+        per_epoch,
+        budget_s,
+    )
+    name = explored.plan.name + FINAL_SUFFIX + (f"-{copy + 1}" if copy else "")
+    warm = _checkpoint_uri(result.checkpoint)
+    return TrialPlan(
+        name,
+        explored.plan.model,
+        # The estimate decides whether an epoch fits; the trial plans the rest on its clock.
+        {**training, "time_budget_s": round(budget_s, 1)},
+        FINAL,
+        warm,
+        explored.plan.name,
+    )
+
+
+def _checkpoint_uri(checkpoint: Any) -> str:
+    """Where a Tune checkpoint lives, as a path or URI a trial can open ("" if none)."""
+    if checkpoint is None:
+        return ""
+    filesystem = getattr(checkpoint, "filesystem", None)
+    kind = getattr(filesystem, "type_name", "local") if filesystem is not None else "local"
+    return checkpoint.path if kind == "local" else f"{kind}://{checkpoint.path}"
+
+
+def _without_fidelity(training: dict[str, Any]) -> dict[str, Any]:
+    return {
+        k: v
+        for k, v in training.items()
+        if k not in ("train_fraction", "max_epochs", "micro_batch_size", "time_budget_s")
+    }
