@@ -101,9 +101,9 @@ def run(
     import ray
     from ray import tune
 
+    from jobs.data import prepare_arrays
     from jobs.proposals import Planner
     from jobs.resources import budget_from_nodes
-    from jobs.data import prepare_arrays
     from jobs.search import init_ray
     from jobs.timing import calibrate
     from jobs.trial import train_trial
