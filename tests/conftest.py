@@ -102,6 +102,26 @@ def tracking(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
     mlflow.set_tracking_uri(None)
 
 
+@pytest.fixture
+def default_runtime_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The search's calibration measures its speed as always but reports the default runtime
+    memory (`jobs.resources.DEFAULT_RUNTIME_BYTES`): a worker sized from `plan_trials`' probe
+    (which has no calibration) then holds the same trials in the search, whatever this
+    machine's runtime measured."""
+    import dataclasses
+
+    import jobs.timing
+    from jobs.resources import DEFAULT_RUNTIME_BYTES
+
+    measure = jobs.timing.calibrate
+
+    def calibrate(*args: Any, **kwargs: Any) -> Any:
+        measured = measure(*args, **kwargs)
+        return dataclasses.replace(measured, runtime_memory_bytes=DEFAULT_RUNTIME_BYTES)
+
+    monkeypatch.setattr(jobs.timing, "calibrate", calibrate)
+
+
 def child_runs(client: Any, parent_id: str, role: str | None = "trial") -> list[Any]:
     """The child runs of `parent_id` (of one `fer.role`; every role with None)."""
     experiment = client.get_run(parent_id).info.experiment_id

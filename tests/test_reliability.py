@@ -507,7 +507,7 @@ def test_04_eight_concurrent_trials_on_sqlite(tmp_path: Path) -> None:
 
 @pytest.mark.timeout(900)
 def test_05_config_larger_than_every_worker_is_refused_before_launch(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, local_ray: None
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, local_ray: None, default_runtime_memory: None
 ) -> None:
     from jobs.resources import WorkerBudget
     from jobs.search import plan_trials, run_search

@@ -60,7 +60,7 @@ def test_budget_detection_prefers_gpu_memory() -> None:
 
 
 def test_search_refuses_what_fits_no_worker_and_tracks_the_rest(
-    tmp_path: Path, tracking: MlflowClient, ray_session: None
+    tmp_path: Path, tracking: MlflowClient, ray_session: None, default_runtime_memory: None
 ) -> None:
     data = write_fer_csv(tmp_path / "fer.csv")
     settings = SearchSettings(
