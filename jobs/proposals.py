@@ -75,6 +75,7 @@ class Planner:
         from jobs.resources import place
         from jobs.timing import estimate_epoch_seconds
         from model.configs import build_model, config_from_dict
+        from model.memory import memory_breakdown
         from model.preprocessing import pixel_statistics
 
         dummy_stats = pixel_statistics(np.zeros((2, 48, 48, 1), dtype=np.uint8))
@@ -82,6 +83,8 @@ class Planner:
         training = plan.training
         fraction = float(training.get("train_fraction", 1.0))
         rows = max(1, round(self.train_rows * fraction))
+        saved = memory_breakdown(model, training["batch_size"], training["optimizer"])
+        state = saved["weights"] + saved["optimizer_slots"]
         placement = place(
             model,
             training["batch_size"],
@@ -89,7 +92,7 @@ class Planner:
             self.budget,
             self.cpus_per_trial,
             compute_dtype=self.compute_dtype(training.get("precision", "auto")),
-            host_overhead_bytes=self.overhead.host_bytes(rows, self.val_rows, fraction),
+            host_overhead_bytes=self.overhead.host_bytes(rows, self.val_rows, fraction, state),
         )
         training = {**training, "micro_batch_size": placement.micro_batch_size}
         seconds = (

@@ -25,9 +25,13 @@ from typing import Any
 GPU_MEMORY_RESOURCE = "gpu_memory_mb"
 # Bytes of one 48x48 grey image (uint8), the unit of every data copy a trial holds.
 IMAGE_BYTES = 48 * 48
-# Host memory a trial holds besides its model's step when no calibration measured it: the
-# median over the reference runs of bench/bench_memory.py on a CPU worker.
+# Host memory a trial holds besides its model's step when no calibration measured it: about
+# what the calibration measures on a CPU worker (bench/bench_memory.py).
 DEFAULT_RUNTIME_BYTES = 64 << 20
+# Every epoch's checkpoint: Keras writes a .keras file's weights (and optimizer state) into an
+# in-memory buffer, then copies that buffer into the zip archive, so a save holds about twice
+# the model's saved state at once.
+CHECKPOINT_FACTOR = 2.0
 NODE_ID_LABEL = "ray.io/node-id"  # a label Ray gives every node
 MIB = 1 << 20
 GIB = 1 << 30
@@ -52,11 +56,12 @@ class TrialOverhead:
     """Host memory a trial holds besides one training step of its model (`model.memory`).
 
     `runtime_bytes`: the framework as the epoch loop runs it (traced train and predict
-    functions, input pipelines, checkpoint writes, the allocator's growth over epochs),
-    measured on a worker at the search's calibration (`jobs.timing`). The data term follows
+    functions, input pipelines, the allocator's growth over epochs), measured on a worker at
+    the search's calibration (`jobs.timing`). The checkpoint term is CHECKPOINT_FACTOR times
+    the model's saved state (weights and optimizer slots). The data term follows
     from what the epoch loop copies (`jobs/training.py`): its share of the training rows (a
-    copy when it trains on a share), the training tensors (TensorFlow copies the array, and
-    each epoch's input pipeline holds one more), the validation tensor and its mirror image.
+    copy when it trains on a share), the training tensor (TensorFlow copies the object
+    store's read-only array), the validation tensor and its mirror image.
     The rows themselves arrive through Ray's object store, accounted by Ray's
     `object_store_memory`, not by the trial's reservation (see `jobs.trial.measured_memory`).
     """
@@ -67,11 +72,23 @@ class TrialOverhead:
     def data_bytes(self, train_rows: int, val_rows: int, train_fraction: float = 1.0) -> int:
         """Host bytes of the data copies of a trial on `train_rows` (its own share already
         taken) and `val_rows`."""
-        copies = 2 + (1 if train_fraction < 1.0 else 0)
+        copies = 1 + (1 if train_fraction < 1.0 else 0)
         return int((copies * max(0, train_rows) + 2 * max(0, val_rows)) * IMAGE_BYTES)
 
-    def host_bytes(self, train_rows: int, val_rows: int, train_fraction: float = 1.0) -> int:
-        return self.runtime_bytes + self.data_bytes(train_rows, val_rows, train_fraction)
+    @staticmethod
+    def checkpoint_bytes(state_bytes: int) -> int:
+        """Host bytes an epoch's checkpoint holds while a model of `state_bytes` saved state
+        (weights and optimizer slots) is written."""
+        return int(CHECKPOINT_FACTOR * state_bytes)
+
+    def host_bytes(
+        self, train_rows: int, val_rows: int, train_fraction: float = 1.0, state_bytes: int = 0
+    ) -> int:
+        return (
+            self.runtime_bytes
+            + self.data_bytes(train_rows, val_rows, train_fraction)
+            + self.checkpoint_bytes(state_bytes)
+        )
 
 
 @dataclass

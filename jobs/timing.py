@@ -26,8 +26,11 @@ CALIBRATION_TIMEOUT_S = 600  # a worker still starting (a cluster scaling up) ma
 # Per epoch besides the batches: Keras's fit set-up, the validation iterator, the epoch's
 # metrics (0.5-1 s on a laptop core for a DNN whose batches take 2 s; 2026-12-03).
 EPOCH_OVERHEAD_S = 0.5
+# The memory probe: long enough to trace and run everything an epoch does (fit, validation,
+# mirrored predictions, checkpoints) twice, short enough to add seconds to the calibration.
 MEMORY_PROBE_EPOCHS = 2
-MEMORY_PROBE_VAL_ROWS = 256
+MEMORY_PROBE_ROWS = 512
+MEMORY_PROBE_VAL_ROWS = 128
 
 
 @dataclass(frozen=True)
@@ -87,21 +90,23 @@ def measure_reference(threads: int, start_at: float = 0.0) -> Calibration:
     del model, warm, batches
     keras.backend.clear_session()
     gc.collect()
-    runtime = runtime_memory(baseline, images, labels, lambda: build_model(FAST_CNN, stats=stats))
+    probe = images[:MEMORY_PROBE_ROWS], labels[:MEMORY_PROBE_ROWS]
+    runtime = runtime_memory(baseline, *probe, lambda: build_model(FAST_CNN, stats=stats))
     keras.backend.clear_session()
     return Calibration(REFERENCE_IMAGES / seconds, work / seconds, threads, seconds, runtime)
 
 
 def runtime_memory(baseline: int, images: Any, labels: Any, build: Any) -> int:
     """Host bytes above `baseline` that a short run of the trial's epoch loop holds besides
-    its model's one-step estimate and its data (`images` and the loop's copies of them)."""
+    its model's one-step estimate, its checkpoints and its data (`images` and the loop's
+    copies of them)."""
     import tempfile
     from pathlib import Path
 
     from jobs.resources import TrialOverhead
     from jobs.training import EpochLoop, TrainData, TrainingConfig
     from jobs.trial import peak_private_bytes
-    from model.memory import estimate_training_memory
+    from model.memory import memory_breakdown
 
     val = MEMORY_PROBE_VAL_ROWS
     data = TrainData(images, labels, images[:val], labels[:val])
@@ -114,9 +119,11 @@ def runtime_memory(baseline: int, images: Any, labels: Any, build: Any) -> int:
     with tempfile.TemporaryDirectory(prefix="fer-calibration-") as workdir:
         loop = EpochLoop(build, data, config, Path(workdir))
         loop.run(lambda metrics, directory: None)
-        step = estimate_training_memory(loop.model, REFERENCE_BATCH, config.optimizer)
+        parts = memory_breakdown(loop.model, REFERENCE_BATCH, config.optimizer)
+    step = sum(parts.values())
+    checkpoint = TrialOverhead.checkpoint_bytes(parts["weights"] + parts["optimizer_slots"])
     held = TrialOverhead(0).data_bytes(len(images), val) + images.nbytes + labels.nbytes
-    return max(0, peak_private_bytes() - baseline - step - held)
+    return max(0, peak_private_bytes() - baseline - step - checkpoint - held)
 
 
 def calibrate(resources: dict[str, float], copies: int = 1) -> Calibration:

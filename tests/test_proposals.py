@@ -372,10 +372,10 @@ def test_a_coursework_model_the_budget_could_not_train_is_said_so_in_words() -> 
 
 def test_the_runtime_memory_measured_at_calibration_is_applied() -> None:
     """A trial's host estimate is its model's step plus what the calibration measured on the
-    worker plus its data copies; the placement reserves all of it with Ray."""
-    from jobs.resources import DEFAULT_RUNTIME_BYTES, TrialOverhead
+    worker plus its checkpoints and data copies; the placement reserves all of it with Ray."""
+    from jobs.resources import CHECKPOINT_FACTOR, DEFAULT_RUNTIME_BYTES, TrialOverhead
     from model.configs import build_model, config_from_dict
-    from model.memory import estimate_training_memory
+    from model.memory import memory_breakdown
     from model.preprocessing import pixel_statistics
 
     plan = SpacePlanMaker(30, 0, 0.25)(_point("cnn"), "cnn-fast")
@@ -384,16 +384,14 @@ def test_the_runtime_memory_measured_at_calibration_is_applied() -> None:
     calibrated = _planner(8000, measured).place(plan).placement
     uncalibrated = _planner(8000).place(plan).placement
 
-    step = estimate_training_memory(
-        build_model(
-            config_from_dict(plan.model), pixel_statistics(np.zeros((2, 48, 48, 1), np.uint8))
-        ),
-        64,
-    )
+    stats = pixel_statistics(np.zeros((2, 48, 48, 1), np.uint8))
+    parts = memory_breakdown(build_model(config_from_dict(plan.model), stats), 64)
+    step = sum(parts.values())
+    checkpoint = CHECKPOINT_FACTOR * (parts["weights"] + parts["optimizer_slots"])
     rows = round(28709 * 0.25)
     data = TrialOverhead().data_bytes(rows, 3589, 0.25)
-    assert data == (3 * rows + 2 * 3589) * 48 * 48  # its share, two tensors; val and mirror
-    assert calibrated["host_mb"] == pytest.approx((step + runtime + data) / MIB)
+    assert data == (2 * rows + 2 * 3589) * 48 * 48  # its share and tensor; val and mirror
+    assert calibrated["host_mb"] == pytest.approx((step + runtime + checkpoint + data) / MIB)
     assert calibrated["estimated_mb"] == calibrated["host_mb"]  # a CPU worker holds it all
     assert calibrated["resources"]["memory"] == pytest.approx(calibrated["host_mb"] * MIB)
     assert calibrated["host_mb"] - uncalibrated["host_mb"] == pytest.approx(
