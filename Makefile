@@ -10,7 +10,7 @@ PORT ?= 5001
 # `make run` logs to the experiment `fer2013` unless one is named (ARGS or MLflow's variables).
 EXPERIMENT_ARGS := $(if $(findstring --experiment-,$(ARGS))$(MLFLOW_EXPERIMENT_NAME)$(MLFLOW_EXPERIMENT_ID),,--experiment-name fer2013)
 
-.PHONY: run test test-slow test-reliability test-infra lint bench ui serve clean
+.PHONY: run test test-slow test-e2e test-reliability test-infra lint bench ui serve clean
 
 $(BIN)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,9 @@ test: $(BIN)/.installed
 
 test-slow: $(BIN)/.installed
 	$(BIN)/python -m pytest -q -m slow
+
+test-e2e: $(BIN)/.installed
+	$(BIN)/python -m pytest -q -m e2e
 
 test-reliability: $(BIN)/.installed
 	$(BIN)/python -m pytest -q -m reliability

@@ -59,6 +59,7 @@ def test_budget_detection_prefers_gpu_memory() -> None:
     assert budget_from_nodes(nodes, worker_memory_gb=1.5).bytes_per_worker == int(1.5 * GIB)
 
 
+@pytest.mark.e2e
 def test_search_refuses_what_fits_no_worker_and_tracks_the_rest(
     tmp_path: Path, tracking: MlflowClient, ray_session: None, default_runtime_memory: None
 ) -> None:
@@ -229,6 +230,7 @@ def test_place_fits_downsizes_or_refuses() -> None:
     assert gpu.gpu_memory_limit_mb >= full / MIB
 
 
+@pytest.mark.e2e
 def test_trials_start_in_plan_order_on_a_local_ray(
     tmp_path: Path, tracking: MlflowClient, ray_session: None
 ) -> None:
@@ -418,6 +420,7 @@ def test_a_trial_restores_from_a_checkpoint_tune_deleted(tmp_path: Path, ray_ses
     assert result.metrics["epoch"] == 3 and result.metrics["restored_from"] == 2
 
 
+@pytest.mark.e2e
 def test_the_final_trains_the_best_config_until_its_share_of_the_budget_is_spent(
     tmp_path: Path, tracking: MlflowClient, ray_session: None
 ) -> None:
