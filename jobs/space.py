@@ -23,26 +23,33 @@ AUGMENTATIONS: dict[str, dict[str, Any]] = {
     # Pad-and-crop by 4 pixels with flips, as in most published FER2013 training code.
     "crop": {"flip": True, "crop": 4},
 }
-# Lightly regularised: an hour on a CPU core trains it for about 20 epochs, too few for
-# heavy regularisation to pay. Measured side by side (2026-12-04 21:10, every row, a cosine
-# over 8 epochs, one thread each, BENCHMARKS.md): dropout 0.1 with flips and 5 % shifts
-# reached 0.607 PublicTest accuracy, dropout 0.2 with 10 % shifts 0.577, and the earlier
-# recipe (dropout 0.3, shifts, rotations and zooms) 0.502. Trained to its end in a
-# 60-minute search, that recipe reached 0.553 accuracy on its augmented training rows, below
-# its 0.59 on PublicTest: it underfitted.
-FAST_CNN = CNNConfig(
-    filters=(32, 64, 128, 256),
-    convs_per_block=1,
-    batch_norm=True,
-    dropout=0.1,
-    dense_units=(256,),
-    normalization="standardize",
-    augmentation=AUGMENTATIONS["light"],
-)
-# Explored at a constant rate: the final trains it on a cosine that ends with the budget.
-# (The earlier recipe reached 0.518 explored at a constant rate and 0.497 on a cosine over its
-# 30 quarter-row epochs, 2026-12-04.)
-FAST_CNN_SCHEDULE = "constant"
+# The known-good CNN, as a point of the space (`define_space`): the one definition of it; its
+# model config is `FAST_CNN` below. Lightly regularised: an hour on a CPU core trains it for
+# about 20 epochs, too few for heavy regularisation to pay (dropout 0.1 with flips and 5 %
+# shifts against heavier recipes side by side: BENCHMARKS.md, "recipes"). Explored at a
+# constant rate; the final trains it on a cosine that ends with the budget.
+KNOWN_GOOD_CNN: dict[str, Any] = {
+    "cnn.blocks": 4,
+    "cnn.base_filters": 32,
+    "cnn.convs_per_block": 1,
+    "cnn.kernel_size": 3,
+    "cnn.pooling": "max",
+    "cnn.batch_norm": True,
+    "cnn.residual": False,
+    "cnn.head_pooling": "flatten",
+    "cnn.dropout": 0.1,
+    "cnn.dense_units": "256",
+    "cnn.normalization": "standardize",
+    "cnn.augmentation": "light",
+    "training.optimizer": "adam",
+    "training.learning_rate": 0.001,
+    "training.batch_size": 64,
+    "training.weight_decay": 0.0,
+    "training.label_smoothing": 0.0,
+    "training.mixup": 0.0,
+    "training.lr_schedule": "constant",
+}
+FAST_CNN_SCHEDULE = KNOWN_GOOD_CNN["training.lr_schedule"]
 
 
 def matched_dnn() -> DNNConfig:
@@ -231,32 +238,9 @@ def training_from_params(params: dict[str, Any], max_epochs: int, seed: int) -> 
 
 
 def fast_cnn_point(families: tuple[str, ...]) -> dict[str, Any]:
-    """FAST_CNN trained as the fixed points are, as a point of `define_space` (the searcher
-    evaluates it first and learns from it like from its own proposals)."""
-    point: dict[str, Any] = {
-        "cnn.blocks": 4,
-        "cnn.base_filters": 32,
-        "cnn.convs_per_block": 1,
-        "cnn.kernel_size": 3,
-        "cnn.pooling": "max",
-        "cnn.batch_norm": True,
-        "cnn.residual": False,
-        "cnn.head_pooling": "flatten",
-        "cnn.dropout": 0.1,
-        "cnn.dense_units": "256",
-        "cnn.normalization": "standardize",
-        "cnn.augmentation": "light",
-        "training.optimizer": "adam",
-        "training.learning_rate": 0.001,
-        "training.batch_size": 64,
-        "training.weight_decay": 0.0,
-        "training.label_smoothing": 0.0,
-        "training.mixup": 0.0,
-        "training.lr_schedule": FAST_CNN_SCHEDULE,
-    }
-    if len(families) > 1:
-        point["family"] = "cnn"
-    return point
+    """The known-good CNN trained as the fixed points are, as a point of `define_space` (the
+    searcher evaluates it first and learns from it like from its own proposals)."""
+    return {**KNOWN_GOOD_CNN, "family": "cnn"} if len(families) > 1 else dict(KNOWN_GOOD_CNN)
 
 
 def fixed_points(families: tuple[str, ...], max_epochs: int, seed: int) -> list[dict[str, Any]]:
@@ -303,3 +287,6 @@ def fixed_points(families: tuple[str, ...], max_epochs: int, seed: int) -> list[
     if "cnn" in families:
         points.append({"name": "seed2017", "model": config_to_dict(SEED2017), "training": training})
     return points
+
+
+FAST_CNN = model_from_params({**KNOWN_GOOD_CNN, "family": "cnn"})

@@ -219,20 +219,7 @@ def maximize_layers(
     batch through a multi-output sub-model; image i's score reads only its own filter, so the
     batch is independent ascents, and the per-step overhead is paid once for all layers.
     """
-    import keras
-    from tf_keras_vis.activation_maximization import ActivationMaximization
-    from tf_keras_vis.activation_maximization.input_modifiers import Jitter
-    from tf_keras_vis.activation_maximization.regularizers import Norm, TotalVariation2D
-
-    if not selection:
-        raise ValueError("selection: expected at least one conv layer, found none")
-    for layer, filters in selection.items():
-        channels = filter_count(model, layer)
-        if not filters or any(not 0 <= f < channels for f in filters):
-            raise ValueError(
-                f"filters: expected indices in 0..{channels - 1} of layer {layer!r}, "
-                f"found {filters}"
-            )
+    _check_selection(model, selection)
     layers = list(selection)
     targets = [activation_layer(model, layer) for layer in layers]
     offsets = np.cumsum([0] + [len(selection[layer]) for layer in layers]).tolist()
@@ -261,24 +248,10 @@ def maximize_layers(
         scale = typical if typical > 1e-6 else 1.0  # a dead layer: any positive scale will do
         scores.append(_BlockScore(offsets[b], selection[layer], scale, batch))
 
-    ascent = ActivationMaximization(model, model_modifier=_ExtractOutputs(targets))
     np.random.seed(seed)  # Jitter draws its shifts from numpy's global generator
-    with quiet_keras():
-        result = ascent(
-            scores,
-            seed_input=seed_images,
-            input_range=(0.0, 255.0),
-            input_modifiers=[Jitter(jitter=jitter)] if jitter > 0 else [],
-            # Weights are per unit of normalised pixel (0..1); both regularisers are linear in
-            # the pixel values, so dividing by 255 converts them to the raw 0..255 input.
-            regularizers=[
-                TotalVariation2D(weight=tv_weight / 255.0),
-                Norm(weight=l2_weight / 255.0, p=2),
-            ],
-            steps=steps,
-            optimizer=keras.optimizers.Adam(learning_rate=learning_rate),
-            callbacks=[_StepLogger(steps)],
-        )
+    result = _ascend(
+        model, targets, scores, seed_images, steps, learning_rate, jitter, tv_weight, l2_weight
+    )
     images = np.asarray(result, dtype=np.float32).reshape(batch, 48, 48, 1)
     final, _ = block_means(images)
     return {
@@ -293,6 +266,54 @@ def maximize_layers(
         )
         for b, layer in enumerate(layers)
     }
+
+
+def _check_selection(model: Any, selection: dict[str, list[int]]) -> None:
+    if not selection:
+        raise ValueError("selection: expected at least one conv layer, found none")
+    for layer, filters in selection.items():
+        channels = filter_count(model, layer)
+        if not filters or any(not 0 <= f < channels for f in filters):
+            raise ValueError(
+                f"filters: expected indices in 0..{channels - 1} of layer {layer!r}, "
+                f"found {filters}"
+            )
+
+
+def _ascend(
+    model: Any,
+    targets: list[str],
+    scores: list[Any],
+    seed_images: np.ndarray,
+    steps: int,
+    learning_rate: float,
+    jitter: int,
+    tv_weight: float,
+    l2_weight: float,
+) -> Any:
+    """tf-keras-vis's activation maximisation of `scores` from `seed_images`."""
+    import keras
+    from tf_keras_vis.activation_maximization import ActivationMaximization
+    from tf_keras_vis.activation_maximization.input_modifiers import Jitter
+    from tf_keras_vis.activation_maximization.regularizers import Norm, TotalVariation2D
+
+    ascent = ActivationMaximization(model, model_modifier=_ExtractOutputs(targets))
+    with quiet_keras():
+        return ascent(
+            scores,
+            seed_input=seed_images,
+            input_range=(0.0, 255.0),
+            input_modifiers=[Jitter(jitter=jitter)] if jitter > 0 else [],
+            # Weights are per unit of normalised pixel (0..1); both regularisers are linear in
+            # the pixel values, so dividing by 255 converts them to the raw 0..255 input.
+            regularizers=[
+                TotalVariation2D(weight=tv_weight / 255.0),
+                Norm(weight=l2_weight / 255.0, p=2),
+            ],
+            steps=steps,
+            optimizer=keras.optimizers.Adam(learning_rate=learning_rate),
+            callbacks=[_StepLogger(steps)],
+        )
 
 
 def maximize_filters(model: Any, layer: str, filters: list[int], **kwargs: Any) -> FilterAscent:
