@@ -56,7 +56,7 @@ def matched_dnn() -> DNNConfig:
     """The DNN of coursework question 2: SEED2017's parameter count in three equal layers.
 
     Batch norm, dropout 0.2, flips and small shifts, trained with a cosine schedule: 0.478
-    PublicTest accuracy in 24 epochs on one core (2026-11-30), where the plain version
+    PublicTest accuracy in 24 epochs on one core (BENCHMARKS.md), where the plain version
     (dropout 0.3, constant rate) reached 0.429 in 30.
     """
     return param_matched_dnn(
@@ -115,7 +115,7 @@ UNRANKED_POINTS = ("dnn-matched",)
 def adaptive_families(families: tuple[str, ...]) -> tuple[str, ...]:
     """The families the model-based searcher proposes from: the CNNs wherever they are searched.
 
-    Measured (60-minute search, 2026-12-03, BENCHMARKS.md): at the first rung of a
+    Measured in a 60-minute search (BENCHMARKS.md): at the first rung of a
     lower-fidelity exploration, DNNs are ahead (0.30 against 0.25 for the known-good CNN,
     which reaches 0.58 trained in full), so TPE proposed 11 DNNs out of 14 and the CNNs that
     win at the end were stopped. DNN-only searches propose DNNs; the param-matched DNN stays a
@@ -273,8 +273,8 @@ def fixed_points(families: tuple[str, ...], max_epochs: int, seed: int) -> list[
         # A cosine schedule: the DNN runs all max_epochs inside a budget, and at a constant
         # rate it plateaus; the CNNs usually stop early (ASHA, time budget) and keep theirs.
         # Every row, whatever the explored share: its answer to question 2 is the DNN's, not a
-        # low-fidelity probe's (0.420 on a quarter of the rows, 0.492 on all of them in the
-        # 60-minute search of 2026-12-04 18:34), and a full DNN epoch (about 12 s on one core)
+        # low-fidelity probe's (0.420 on a quarter of the rows, 0.492 on all of them in a
+        # 60-minute search, BENCHMARKS.md), and a full DNN epoch (about 12 s on one core)
         # costs half a quarter-row epoch of the known-good CNN. ASHA leaves it out of its
         # rungs (jobs/scheduling.py).
         points.append(

@@ -24,7 +24,7 @@ REFERENCE_IMAGES = 1024  # timed; one more batch first, to build the train funct
 COPIES_START_DELAY_S = 20.0
 CALIBRATION_TIMEOUT_S = 600  # a worker still starting (a cluster scaling up) may take minutes
 # Per epoch besides the batches: Keras's fit set-up, the validation iterator, the epoch's
-# metrics (0.5-1 s on a laptop core for a DNN whose batches take 2 s; 2026-12-03).
+# metrics (0.5-1 s on a laptop core for a DNN whose batches take 2 s).
 EPOCH_OVERHEAD_S = 0.5
 # The memory probe: long enough to trace and run everything an epoch does (fit, validation,
 # mirrored predictions, checkpoints) twice, short enough to add seconds to the calibration.
@@ -131,8 +131,8 @@ def calibrate(resources: dict[str, float], copies: int = 1) -> Calibration:
     share, each in a fresh worker process, so TensorFlow's thread pools can be set).
 
     `copies` run at once, as many as trials will share the workers: two trials on two cores
-    run about 20 % slower each than one alone (memory bandwidth, caches; 2026-12-03 budget
-    search), and the estimate is for trials that share. The median copy is returned.
+    run about 20 % slower each than one alone (memory bandwidth, caches; BENCHMARKS.md), and
+    the estimate is for trials that share. The median copy is returned.
     """
     import ray
 

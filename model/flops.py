@@ -52,7 +52,7 @@ def image_cost(model: keras.Model) -> ImageCost:
 
 
 # Fitted (least squares on relative error) to one-thread training throughput of 7 CNNs and
-# DNNs (33 K to 121 M MACs per image, batch 64, TF 2.21 on an AMD EPYC core, 2026-12-03):
+# DNNs (33 K to 121 M MACs per image, batch 64, TF 2.21 on an AMD EPYC core):
 # an elementwise output costs about as much as 37 MACs, and each optimizer step about as much
 # as 67 M MACs (a batch of 64 at ~1 M per image). Only ratios matter: the machine's own
 # speed comes from a calibration run (`jobs/timing.py`). Residuals: -20 % .. +12 %.
