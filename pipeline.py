@@ -15,19 +15,28 @@ from typing import Any
 from jobs.settings import SearchSettings, add_arguments, from_namespace
 
 
-def closing_lines(result: Any, registered: bool, viewed: bool) -> str:
+def closing_lines(result: Any, registered: bool, viz: dict[str, Any] | None) -> str:
     """What a user reads last: the champion, its accuracy, the report, the UI and serving."""
     minutes = result.wall_seconds / 60
     if not result.best_run_id:
         return f"\nSearch ended after {minutes:.1f} min with no trained model (see the log above)."
     champion = result.champion_run_id or result.best_run_id
+    kind = "an ensemble of trials" if champion != result.best_run_id else "the best trial"
+    accuracy = f"best trial val_accuracy {result.best_val_accuracy:.3f}"
+    if viz and viz.get("accuracy") is not None:
+        accuracy = (
+            f"{viz['accuracy']:.3f} on {viz.get('split_size')} {viz.get('split')} rows; " + accuracy
+        )
     lines = [
         "",
         f"Search finished in {minutes:.1f} min.",
-        f"  Champion:  run {champion} (best trial val_accuracy {result.best_val_accuracy:.3f})",
+        f"  Champion:  run {champion}, {kind} ({accuracy})",
     ]
-    if viewed:
-        lines.append("  Report:    the champion run's artifacts, report.html and figures/")
+    if viz:
+        lines.append(
+            f"  Report:    report.html and figures/ in run {champion}'s artifacts "
+            f"(mlflow artifacts download -r {champion} -a report.html)"
+        )
     lines.append("  Browse:    make ui      (MLflow UI on http://127.0.0.1:5000)")
     if registered:
         lines.append("  Serve:     make serve   (the registered @champion over HTTP)")
@@ -61,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
 
             summary["viz"] = run_viz(VizSettings(run_id=champion, data=settings.data))
         print(json.dumps(summary, indent=2, default=str))
-        print(closing_lines(result, settings.register, viewed="viz" in summary), file=sys.stderr)
+        print(closing_lines(result, settings.register, summary.get("viz")), file=sys.stderr)
         return 0 if result.best_run_id else 1
 
     return run_cli(work)
