@@ -411,7 +411,7 @@ def _anchor(**kwargs) -> Anchor:
 
 def test_seed2017_sentence_says_what_happened() -> None:
     text = seed2017_sentence(_anchor(), 28709)
-    assert "trained 30 epoch(s) on 1 of the training rows (28,709 rows)" in text
+    assert "trained 30 epoch(s) on every training row (28,709 rows)" in text
     assert "61.0 %" in text and "every planned epoch" in text
     text = seed2017_sentence(_anchor(status="early_stopped", stop_reason="scheduler"), None)
     assert "the scheduler (ASHA) stopped it" in text

@@ -142,7 +142,12 @@ def seed2017_sentence(anchor: Anchor | None, train_rows: int | None) -> str:
     if anchor.status == layout.STATUS_DOES_NOT_FIT:
         return f"{name} was not started: it fits no worker's memory: {anchor.refusal}.{alone}"
     rows = f" ({round(train_rows * anchor.train_fraction):,} rows)" if train_rows else ""
-    seen = f"{anchor.epochs} epoch(s) on {anchor.train_fraction:g} of the training rows{rows}"
+    share = (
+        "every training row"
+        if anchor.train_fraction >= 1
+        else f"{anchor.train_fraction:g} of the training rows"
+    )
+    seen = f"{anchor.epochs} epoch(s) on {share}{rows}"
     accuracy = (
         f", best val accuracy {anchor.best_val_accuracy * 100:.1f} %"
         if anchor.best_val_accuracy is not None

@@ -192,7 +192,8 @@ def _note_undertrained_coursework(client: Any, runs: list[Any], settings: Search
             continue
         accuracy = run.data.metrics["best_val_accuracy"]
         note = (
-            f"{name} trained {epochs} epoch(s) on {fraction:g} of the training rows "
+            f"{name} trained {epochs} epoch(s) on "
+            f"{'every training row' if fraction >= 1 else f'{fraction:g} of the training rows'} "
             f"({full:.1f} full-data epochs) in this {settings.time_budget_min:g}-minute search: "
             f"too few to train it, so {accuracy:.3f} is what the budget allowed, not the "
             f"model's accuracy. Train it alone: mlflow run . -e train -P preset={name} "
