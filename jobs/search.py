@@ -128,11 +128,14 @@ def prepare_arrays(data: str, fraction: float, seed: int) -> tuple[dict[str, Any
     return arrays, info
 
 
-def init_ray(num_cpus: int | None = None) -> None:
+def init_ray(num_cpus: int | None = None, backend: str = "tensorflow") -> None:
     import ray
 
     if ray.is_initialized():
+        if backend != "tensorflow":
+            log.warning("Ray was started elsewhere: trials use its workers' KERAS_BACKEND")
         return
+    trial_env = {**TRIAL_ENV, "KERAS_BACKEND": backend}  # set before a trial imports Keras
     address = os.environ.get("RAY_ADDRESS")
     if address:
         # A cluster: ship the code (workers may not have this checkout).
@@ -148,7 +151,7 @@ def init_ray(num_cpus: int | None = None) -> None:
                 "bench/results",
                 ".stack",
             ],
-            "env_vars": TRIAL_ENV,
+            "env_vars": trial_env,
         }
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
     else:
@@ -156,7 +159,7 @@ def init_ray(num_cpus: int | None = None) -> None:
             num_cpus=num_cpus,
             include_dashboard=False,
             log_to_driver=True,
-            runtime_env={"env_vars": {**TRIAL_ENV, "PYTHONPATH": str(PROJECT_ROOT)}},
+            runtime_env={"env_vars": {**trial_env, "PYTHONPATH": str(PROJECT_ROOT)}},
         )
 
 
@@ -488,7 +491,7 @@ def run_search(
         # The effective share is what the trials, ASHA and the parent run's params see.
         settings = dataclasses.replace(settings, explore_fraction=fraction)
 
-    init_ray()
+    init_ray(backend=settings.backend)
     budget = budget_from_nodes(ray.nodes(), settings.worker_memory_gb)
     log.info("worker budget: %s", budget.describe())
     calibration = _calibrate(budget, settings.cpus_per_trial)

@@ -43,9 +43,9 @@ def measure_reference(threads: int, start_at: float = 0.0) -> Calibration:
     """
     import numpy as np
 
-    from jobs.trial import configure_tensorflow
+    from jobs.trial import configure_backend
 
-    configure_tensorflow(threads, 0.0)
+    configure_backend(threads, 0.0)
     import keras
 
     from jobs.space import FAST_CNN

@@ -63,15 +63,17 @@ def _resident_bytes() -> int:
 
 def measured_memory(baseline: int) -> dict[str, float]:
     """Peak memory of this trial so far, in MiB: resident set above `baseline` (the process's
-    high-water mark, so it only grows) and, on a GPU, TensorFlow's peak allocation."""
+    high-water mark, so it only grows) and, on a GPU, the backend's peak allocation (TensorFlow's
+    allocator, or JAX's peak_bytes_in_use)."""
     import resource
 
-    import tensorflow as tf
+    from model.backend import gpu_memory_info
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
     found = {"peak_memory_mb": max(0, peak - baseline) / MIB}
-    if tf.config.list_logical_devices("GPU"):
-        found["gpu_peak_memory_mb"] = tf.config.experimental.get_memory_info("GPU:0")["peak"] / MIB
+    gpu = gpu_memory_info()
+    if gpu is not None:
+        found["gpu_peak_memory_mb"] = gpu["peak"] / MIB
     return found
 
 
@@ -110,11 +112,11 @@ class SystemSampler:
             )
         except (OSError, KeyError, ValueError, IndexError):
             pass
-        import tensorflow as tf
+        from model.backend import gpu_memory_info
 
-        if tf.config.list_logical_devices("GPU"):
-            current = tf.config.experimental.get_memory_info("GPU:0")["current"]
-            found["system_gpu_0_memory_usage_megabytes"] = current / MIB
+        gpu = gpu_memory_info()
+        if gpu is not None:
+            found["system_gpu_0_memory_usage_megabytes"] = gpu["current"] / MIB
         return found
 
 
@@ -139,6 +141,30 @@ def configure_tensorflow(cpus: float, gpu_memory_mb: float) -> None:
             )
         except RuntimeError:
             pass
+
+
+def configure_backend(
+    cpus: float, gpu_memory_mb: float, gpu_share: float = 0.0, backend: str = ""
+) -> str:
+    """Set this process's Keras backend up for a trial's share; returns the backend.
+
+    `backend` "" means KERAS_BACKEND (the search sets it in every worker's environment; default
+    tensorflow). Must run before Keras is imported. TensorFlow: thread pools and a logical
+    device capped at `gpu_memory_mb`. JAX: its GPU allocator capped at `gpu_share` of the card,
+    grown on demand, and one intra-op thread on a CPU share of one.
+    """
+    from model.backend import DEFAULT_BACKEND, require_backend, select_backend
+
+    backend = backend or os.environ.get("KERAS_BACKEND") or DEFAULT_BACKEND
+    if backend == "jax":
+        select_backend(backend, gpu_share)
+        if max(1, int(round(cpus))) == 1 and "intra_op" not in os.environ.get("XLA_FLAGS", ""):
+            flags = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+            os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flags}".strip()
+        return require_backend(backend)
+    select_backend(backend)
+    configure_tensorflow(cpus, gpu_memory_mb)
+    return require_backend(backend)
 
 
 def placed_on() -> dict[str, str]:
@@ -182,7 +208,9 @@ def train_trial(config: dict[str, Any], data: dict[str, Any] | None = None) -> N
     entered = time.perf_counter()
     trial = plan_of(config)
     resources = trial["resources"]
-    configure_tensorflow(resources.get("CPU", 1.0), trial.get("gpu_memory_limit_mb", 0.0))
+    backend = configure_backend(
+        resources.get("CPU", 1.0), trial.get("gpu_memory_limit_mb", 0.0), resources.get("GPU", 0.0)
+    )
 
     import keras
 
@@ -227,8 +255,8 @@ def train_trial(config: dict[str, Any], data: dict[str, Any] | None = None) -> N
         resume_from=restored,
     )
 
-    where = {**placed_on(), "precision": policy}
-    # Start-up cost of this (re)start: TF import, data from the object store, model build.
+    where = {**placed_on(), "precision": policy, "backend": backend}
+    # Start-up cost of this (re)start: Keras import, data from the object store, model build.
     once: dict[str, Any] = {"setup_seconds": time.perf_counter() - entered}
 
     system = SystemSampler()
