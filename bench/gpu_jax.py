@@ -79,7 +79,9 @@ def _build(name: str) -> Any:
     from model.configs import build_model
     from model.preprocessing import pixel_statistics
 
-    return build_model(_model_config(name), stats=pixel_statistics(np.zeros((2, 48, 48, 1), np.uint8)))
+    return build_model(
+        _model_config(name), stats=pixel_statistics(np.zeros((2, 48, 48, 1), np.uint8))
+    )
 
 
 def _estimate_mb(model: Any, batch: int, optimizer: str, precision: str) -> float:
