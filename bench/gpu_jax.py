@@ -294,6 +294,10 @@ class Check:
         self.found["facts"] = facts
         self.save()
         on_gpu = bool(facts and facts.get("gpus"))
+        if facts is None or facts.get("error"):
+            self.found["skipped"]["all"] = "the facts case failed: Keras on JAX did not start"
+            self.save()
+            return self.found
         if not on_gpu and not self.dry_run:
             self.found["skipped"]["all"] = "JAX sees no GPU on this machine"
             self.save()
@@ -313,11 +317,11 @@ class Check:
                 continue
             row |= {"config": name, "batch": batch, "optimizer": optimizer, "precision": precision}
             if row.get("measured_mb"):
-                row["error"] = row["estimated_mb"] / row["measured_mb"] - 1
+                row["relative_error"] = row["estimated_mb"] / row["measured_mb"] - 1
             rows.append(row)
             self.found["estimate_vs_gpu_peak"] = rows
             self.save()
-        errors = [abs(r["error"]) for r in rows if isinstance(r.get("error"), float)]
+        errors = [abs(r["relative_error"]) for r in rows if "relative_error" in r]
         self.found["gpu_memory_estimate_median_abs_err"] = (
             statistics.median(errors) if errors else None
         )
@@ -362,7 +366,12 @@ class Check:
             self.save()
             return
         cap_mb = OOM_CAP * min(uncapped["estimated_mb"], uncapped["measured_mb"])
-        fraction = cap_mb / card_mb()
+        try:
+            fraction = cap_mb / card_mb()
+        except (OSError, subprocess.CalledProcessError, ValueError, IndexError) as error:
+            self.found["skipped"]["oom_fallback"] = f"no card size from nvidia-smi: {error}"
+            self.save()
+            return
         row = self.case("oom capped", "oom_case", [OOM_MODEL, OOM_BATCH, False], fraction)
         if row is not None:
             row |= {
