@@ -46,9 +46,10 @@ $(BIN)/.bench-installed: $(BIN)/.installed requirements-bench.txt
 bench: $(BIN)/.bench-installed
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m bench.run_all $(ARGS)
 
-# The wheels the lent GPU machine lacks for bench/device/gpu_check.sh (it has Python 3.12).
-device-wheels: $(BIN)/.installed
-	$(BIN)/python -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 \
+# The wheels the lent GPU machine lacks for bench/device/gpu_check.sh (it has Python 3.12);
+# any pip downloads them, so this needs (and touches) no venv.
+device-wheels:
+	$(PYTHON) -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 \
 	  --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
 	  --platform manylinux2014_x86_64 -d bench/device/wheels -r bench/device/wheels.txt
 
