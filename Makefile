@@ -10,7 +10,7 @@ PORT ?= 5001
 # `make run` logs to the experiment `fer2013` unless one is named (ARGS or MLflow's variables).
 EXPERIMENT_ARGS := $(if $(findstring --experiment-,$(ARGS))$(MLFLOW_EXPERIMENT_NAME)$(MLFLOW_EXPERIMENT_ID),,--experiment-name fer2013)
 
-.PHONY: run test test-slow test-e2e test-reliability test-infra lint bench ui serve clean
+.PHONY: run test test-slow test-e2e test-reliability test-infra lint bench device-wheels ui serve clean
 
 $(BIN)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +47,13 @@ $(BIN)/.bench-installed: $(BIN)/.installed requirements-bench.txt
 
 bench: $(BIN)/.bench-installed
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m bench.run_all $(ARGS)
+
+# The wheels the lent GPU machine lacks for bench/device/gpu_check.sh (it has Python 3.12);
+# any pip downloads them, so this needs (and touches) no venv.
+device-wheels:
+	$(PYTHON) -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 \
+	  --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+	  --platform manylinux2014_x86_64 -d bench/device/wheels -r bench/device/wheels.txt
 
 ui: $(BIN)/.installed
 	$(BIN)/mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI) --host 127.0.0.1 --port 5000

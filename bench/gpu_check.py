@@ -12,6 +12,11 @@ On a GPU it measures, and writes to the JSON:
 3. images/s of cnn-fast and SEED2017 through our trial's epoch loop vs plain Keras
    `model.fit`, float32 vs mixed precision.
 Without a GPU it says so, names what it skipped and writes the JSON (a test runs it so).
+
+    python -m bench.gpu_check --backend jax [--dry-run] [--json $OUT/gpu.json]
+
+runs the check on Keras's JAX backend instead (bench/gpu_jax.py): no Ray, MLflow or TensorFlow,
+for the lent GPU machine (bench/device/gpu_check.sh); `--dry-run` runs it on the CPU.
 """
 
 from __future__ import annotations
@@ -26,8 +31,6 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
-
-from schema.run import RESULT_TAG_PREFIX
 
 ROOT = Path(__file__).resolve().parent.parent
 GPU_PARTS = ("packed_trials", "estimate_vs_gpu_peak", "mixed_precision_throughput")
@@ -149,6 +152,7 @@ def packed_trials(data: str, card_mb: int, workdir: Path) -> dict[str, Any]:
     from jobs.search import TRIAL_ENV, run_search
     from jobs.settings import SearchSettings
     from jobs.space import fixed_points
+    from schema.run import RESULT_TAG_PREFIX
 
     ray.init(
         num_gpus=1,
@@ -265,7 +269,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "gpu.json")
     parser.add_argument("--data", default=os.environ.get("FER2013_PATH", ""))
+    parser.add_argument("--backend", choices=("tensorflow", "jax"), default="tensorflow")
+    parser.add_argument("--dry-run", action="store_true", help="jax: on the CPU, tiny sizes")
+    parser.add_argument("--budget-s", type=float, default=420.0, help="jax: no case starts later")
     args = parser.parse_args(argv)
+    if args.backend == "jax":
+        from bench.gpu_jax import run as run_jax
+
+        found = run_jax(args.json, args.dry_run, args.budget_s)
+        print(json.dumps(found, indent=2))
+        return 1 if found["failed_cases"] else 0
     found = run(args.data or None)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(found, indent=2))

@@ -55,6 +55,9 @@ class SearchSettings:
     final_trials: int = 2  # best configs trained in the final share (at most one per slot)
     # auto: mixed_bfloat16 / mixed_float16 on GPUs, float32 on CPUs (model/precision.py)
     precision: str = "auto"
+    # The Keras backend trials train on: tensorflow or jax (model/backend.py). The driver, the
+    # ensemble and viz stay on TensorFlow: a .keras file from either loads there.
+    backend: str = "tensorflow"
     grace_epochs: int = 2
     max_failures: int = 2
     register: bool = True
@@ -70,9 +73,11 @@ class SearchSettings:
             )
         if self.num_samples < 1:
             raise ValueError(f"num_samples: expected >= 1, got {self.num_samples}")
+        from model.backend import check_backend
         from model.precision import check_precision
 
         check_precision(self.precision)
+        check_backend(self.backend)
 
 
 @dataclass
@@ -91,6 +96,12 @@ class TrainSettings:
     seed: int = 2017
     lr_schedule: str = "constant"  # or "cosine" (a half cosine over the epochs)
     precision: str = "auto"  # mixed on a GPU, float32 on a CPU (model/precision.py)
+    backend: str = "tensorflow"  # the Keras backend this run trains on: tensorflow or jax
+
+    def __post_init__(self) -> None:
+        from model.backend import check_backend
+
+        check_backend(self.backend)
 
 
 @dataclass

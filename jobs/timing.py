@@ -59,9 +59,9 @@ def measure_reference(threads: int, start_at: float = 0.0) -> Calibration:
 
     import numpy as np
 
-    from jobs.trial import configure_tensorflow, private_resident_bytes
+    from jobs.trial import configure_backend, private_resident_bytes
 
-    configure_tensorflow(threads, 0.0)
+    configure_backend(threads, 0.0)
     import keras
 
     from jobs.space import FAST_CNN

@@ -55,6 +55,9 @@ def resolve_model_config(family: str, preset: str, overrides: str) -> Any:
 
 def train(settings: TrainSettings) -> dict[str, Any]:
     """Train, log to MLflow (the run `mlflow run` opened, or a new one); return final metrics."""
+    from model.backend import require_backend
+
+    backend = require_backend(settings.backend)  # before anything imports Keras
     import keras
     import mlflow
     from mlflow.tracking import MlflowClient
@@ -97,6 +100,7 @@ def train(settings: TrainSettings) -> dict[str, Any]:
         mlflow.set_tags(
             {
                 layout.TAG_PRECISION: policy,
+                layout.TAG_BACKEND: backend,
                 layout.TAG_ROLE: layout.ROLE_TRAIN,
                 layout.TAG_FAMILY: settings.family,
                 layout.TAG_DATA_SHA: data_info["sha256"],
@@ -112,7 +116,11 @@ def train(settings: TrainSettings) -> dict[str, Any]:
             run_config = layout.run_config(
                 settings.preset or settings.family,
                 config_to_dict(model_config),
-                {**vars(training), "micro_batch_size": state.micro_batch_size},
+                {
+                    **vars(training),
+                    "micro_batch_size": state.micro_batch_size,
+                    "backend": backend,
+                },
                 data_info,
                 model.count_params(),
             )
@@ -145,6 +153,7 @@ def _run_params(
         "param_count": model.count_params(),
         "estimated_memory_mb": round(estimated_mb, 1),
         "data_fraction": settings.data_fraction,
+        "backend": settings.backend,
         **{k: v for k, v in vars(training).items()},
     }
     for key, value in config_to_dict(model_config).items():

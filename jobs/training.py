@@ -172,6 +172,10 @@ class EpochLoop:
             new_micro,
         )
         oom_retries = self.state.oom_retries + 1
+        from model.backend import release_memory
+
+        self.model = None  # the failed attempt's buffers go before the retry's are made
+        release_memory()
         if (self.workdir / STATE_FILE).exists():
             self._restore(self.workdir)
         else:
@@ -185,13 +189,12 @@ class EpochLoop:
             _transfer_optimizer_state(old_optimizer, self.model.optimizer, self.model)
 
     def _train_tensors(self) -> tuple[Any, Any, Any, Any]:
-        import tensorflow as tf
+        from model.backend import to_tensor
 
         if self._tensors is None:
             data = self.data
             self._tensors = tuple(
-                tf.convert_to_tensor(array)
-                for array in (data.x_train, data.y_train, data.x_val, data.y_val)
+                to_tensor(array) for array in (data.x_train, data.y_train, data.x_val, data.y_val)
             )
         return self._tensors
 
@@ -211,8 +214,7 @@ class EpochLoop:
 
     def _predict_validation(self, flipped: bool = False) -> np.ndarray:
         """Class probabilities of every validation row (mirrored left-right when `flipped`)."""
-        import tensorflow as tf
-
+        from model.backend import flip_left_right
         from model.batches import array_batches
 
         micro = self.state.micro_batch_size
@@ -221,7 +223,7 @@ class EpochLoop:
         if cached is None or cached[0] != micro:
             x_val = self._train_tensors()[2]
             if flipped:
-                x_val = tf.reverse(x_val, axis=[2])
+                x_val = flip_left_right(x_val)
             cached = (micro, array_batches(x_val, None, micro))
             self._val_batches[key] = cached
         return np.asarray(self.model.predict(cached[1], verbose=0), dtype=np.float32)
@@ -297,14 +299,17 @@ class EpochLoop:
         )
 
     def run(self, on_epoch_end: Callable[[dict[str, Any], Path], None]) -> TrainState:
-        import tensorflow as tf
+        from model.backend import is_out_of_memory
 
         while self.state.epoch < self.planned_epochs:
             epoch = self.state.epoch + 1
             started = time.perf_counter()
             try:
                 metrics, probabilities = self._one_epoch(epoch)
-            except tf.errors.ResourceExhaustedError as error:
+            except Exception as error:
+                # TensorFlow's ResourceExhaustedError, or JAX's RESOURCE_EXHAUSTED runtime error.
+                if not is_out_of_memory(error):
+                    raise
                 self._recover_from_oom(error)
                 continue
             self.state.epoch = epoch

@@ -85,17 +85,19 @@ def measured_memory(baseline: int) -> dict[str, float]:
     before the data and the model): the resident high-water mark (it only grows) less the
     pages of Ray's object store the trial maps (its rows: shared by every trial on the node
     and accounted by Ray's `object_store_memory`, not by a trial's reservation), as
-    `peak_memory_mb`, with those shared pages as `shared_memory_mb`; on a GPU, TensorFlow's
-    peak allocation as `gpu_peak_memory_mb`."""
-    import tensorflow as tf
+    `peak_memory_mb`, with those shared pages as `shared_memory_mb`; on a GPU, the backend's
+    peak allocation (TensorFlow's allocator, or JAX's peak_bytes_in_use) as
+    `gpu_peak_memory_mb`."""
+    from model.backend import gpu_memory_info
 
     shared = _memory_status().get("RssShmem", 0)
     found = {
         "peak_memory_mb": max(0, peak_private_bytes() - baseline) / MIB,
         "shared_memory_mb": shared / MIB,
     }
-    if tf.config.list_logical_devices("GPU"):
-        found["gpu_peak_memory_mb"] = tf.config.experimental.get_memory_info("GPU:0")["peak"] / MIB
+    gpu = gpu_memory_info()
+    if gpu is not None:
+        found["gpu_peak_memory_mb"] = gpu["peak"] / MIB
     return found
 
 
@@ -134,11 +136,11 @@ class SystemSampler:
             )
         except (OSError, KeyError, ValueError, IndexError):
             pass
-        import tensorflow as tf
+        from model.backend import gpu_memory_info
 
-        if tf.config.list_logical_devices("GPU"):
-            current = tf.config.experimental.get_memory_info("GPU:0")["current"]
-            found["system_gpu_0_memory_usage_megabytes"] = current / MIB
+        gpu = gpu_memory_info()
+        if gpu is not None:
+            found["system_gpu_0_memory_usage_megabytes"] = gpu["current"] / MIB
         return found
 
 
@@ -163,6 +165,30 @@ def configure_tensorflow(cpus: float, gpu_memory_mb: float) -> None:
             )
         except RuntimeError:
             pass
+
+
+def configure_backend(
+    cpus: float, gpu_memory_mb: float, gpu_share: float = 0.0, backend: str = ""
+) -> str:
+    """Set this process's Keras backend up for a trial's share; returns the backend.
+
+    `backend` "" means KERAS_BACKEND (the search sets it in every worker's environment; default
+    tensorflow). Must run before Keras is imported. TensorFlow: thread pools and a logical
+    device capped at `gpu_memory_mb`. JAX: its GPU allocator capped at `gpu_share` of the card,
+    grown on demand, and one intra-op thread on a CPU share of one.
+    """
+    from model.backend import DEFAULT_BACKEND, require_backend, select_backend
+
+    backend = backend or os.environ.get("KERAS_BACKEND") or DEFAULT_BACKEND
+    if backend == "jax":
+        select_backend(backend, gpu_share)
+        if max(1, int(round(cpus))) == 1 and "intra_op" not in os.environ.get("XLA_FLAGS", ""):
+            flags = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+            os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flags}".strip()
+        return require_backend(backend)
+    select_backend(backend)
+    configure_tensorflow(cpus, gpu_memory_mb)
+    return require_backend(backend)
 
 
 def placed_on() -> dict[str, str]:
@@ -206,7 +232,9 @@ def train_trial(config: dict[str, Any], data: dict[str, Any] | None = None) -> N
     entered = time.perf_counter()
     trial = plan_of(config)
     resources = trial["resources"]
-    configure_tensorflow(resources.get("CPU", 1.0), trial.get("gpu_memory_limit_mb", 0.0))
+    backend = configure_backend(
+        resources.get("CPU", 1.0), trial.get("gpu_memory_limit_mb", 0.0), resources.get("GPU", 0.0)
+    )
 
     import keras
 
@@ -251,8 +279,8 @@ def train_trial(config: dict[str, Any], data: dict[str, Any] | None = None) -> N
         resume_from=restored,
     )
 
-    where = {**placed_on(), "precision": policy}
-    # Start-up cost of this (re)start: TF import, data from the object store, model build.
+    where = {**placed_on(), "precision": policy, "backend": backend}
+    # Start-up cost of this (re)start: Keras import, data from the object store, model build.
     once: dict[str, Any] = {"setup_seconds": time.perf_counter() - entered}
 
     system = SystemSampler()

@@ -6,6 +6,9 @@ predict) waits for the autotuner's thread to finish its current timed wait, whic
 longer the pipeline runs. The process sits idle meanwhile: on the benchmark CNN with one thread,
 18-21 s of a 25-40 s epoch (BENCHMARKS.md, "the tf.data stall"). A fixed one-batch prefetch
 needs no autotuner and keeps the input work (a gather per batch) as cheap as Keras's own.
+
+On TensorFlow the batches are a tf.data pipeline; on another Keras backend (JAX) they are NumPy
+batches of the same order rules (model/host_batches.py), so that path needs no TensorFlow.
 """
 
 from __future__ import annotations
@@ -24,14 +27,13 @@ def epoch_seed(seed: int, epoch: int) -> int:
 def array_batches(
     x: Any, y: Any | None, batch_size: int, *, shuffle_seed: int | None = None
 ) -> Any:
-    """A `tf.data.Dataset` of `(x, y)` batches (or `x` batches when `y` is None).
+    """A `tf.data.Dataset` of `(x, y)` batches (or `x` batches when `y` is None); on another
+    Keras backend, a `host_batches.ArrayBatches` of NumPy batches.
 
     Every row appears once, in a permutation fixed by `shuffle_seed` (original order when it is
     None); the last batch may be smaller. `x` and `y` may be NumPy arrays or tensors: convert
-    big arrays once with `tf.convert_to_tensor` when the same data is batched every epoch.
+    big arrays once with `model.backend.to_tensor` when the same data is batched every epoch.
     """
-    import tensorflow as tf
-
     if batch_size < 1:
         raise ValueError(f"batch_size: expected >= 1, got {batch_size}")
     rows = int(x.shape[0])
@@ -39,6 +41,14 @@ def array_batches(
         raise ValueError(f"x and y: expected the same number of rows, got {rows} and {y.shape[0]}")
     if rows == 0:
         raise ValueError("x: expected at least one row, got 0")
+    from model.backend import is_tensorflow
+
+    if not is_tensorflow():
+        from model import host_batches
+
+        return host_batches.array_batches(x, y, batch_size, shuffle_seed)
+    import tensorflow as tf
+
     indices = tf.data.Dataset.range(rows)
     if shuffle_seed is not None:
         indices = indices.shuffle(rows, seed=shuffle_seed, reshuffle_each_iteration=False)
@@ -62,6 +72,10 @@ def array_batches(
 
 def one_hot(dataset: Any, classes: int = 7) -> Any:
     """`(x, class index)` batches as `(x, one-hot float32)` batches."""
+    from model.host_batches import ArrayBatches
+
+    if isinstance(dataset, ArrayBatches):
+        return dataset.with_recipe(classes=classes)
     import tensorflow as tf
 
     return dataset.map(lambda x, y: (x, tf.one_hot(tf.cast(y, tf.int32), classes)))
@@ -70,10 +84,13 @@ def one_hot(dataset: Any, classes: int = 7) -> Any:
 def mixup(dataset: Any, alpha: float, seed: int) -> Any:
     """Mixup (Zhang et al. 2018) of one-hot batches: each row mixed with another row of its
     batch, by a weight drawn from Beta(alpha, alpha). Seeded by (seed, batch index)."""
-    import tensorflow as tf
-
     if not alpha > 0:
         raise ValueError(f"mixup alpha: expected > 0, got {alpha}")
+    from model.host_batches import ArrayBatches
+
+    if isinstance(dataset, ArrayBatches):
+        return dataset.with_recipe(mixup_alpha=float(alpha), mixup_seed=int(seed))
+    import tensorflow as tf
 
     def mix(index: Any, batch: Any) -> Any:
         x, y = batch

@@ -22,20 +22,18 @@ def check_precision(name: str) -> str:
 
 
 def resolve_precision(requested: str, gpus: list[Any] | None = None) -> str:
-    """The Keras dtype policy for `requested` on this process's devices (`gpus`: TensorFlow's
-    physical GPU devices; None asks TensorFlow)."""
+    """The Keras dtype policy for `requested` on this process's devices (`gpus`: the Keras
+    backend's GPU devices, `model.backend.gpu_devices()`; None asks the backend)."""
     if check_precision(requested) != "auto":
         return requested
-    if gpus is None:
-        import tensorflow as tf
+    from model.backend import compute_capability, gpu_devices
 
-        gpus = tf.config.list_physical_devices("GPU")
+    if gpus is None:
+        gpus = gpu_devices()
     if not gpus:
         return "float32"
-    import tensorflow as tf
-
-    capability = tf.config.experimental.get_device_details(gpus[0]).get("compute_capability")
-    if capability and tuple(capability) >= BF16_MIN_COMPUTE_CAPABILITY:
+    capability = compute_capability(gpus[0])
+    if capability and capability >= BF16_MIN_COMPUTE_CAPABILITY:
         return "mixed_bfloat16"
     return "mixed_float16"
 

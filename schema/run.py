@@ -65,7 +65,8 @@ TAG_MODEL_URI = "fer.model_uri"  # the MLflow Keras flavour of the run's model
 TAG_BEST = "fer.best"
 TAG_MEMORY_OVER = "fer.memory_over_reservation"
 TAG_PRECISION = "fer.precision"
-# A trial's latest result's placement: "fer." + node_id, gpu_ids, precision.
+TAG_BACKEND = "fer.backend"  # the Keras backend the run trained on (tensorflow, jax)
+# A trial's latest result's placement: "fer." + node_id, gpu_ids, precision, backend.
 RESULT_TAG_PREFIX = "fer."
 TAG_SEARCH_NAME = "fer.search_name"
 TAG_TUNE_PATH = "fer.tune_path"

@@ -4,8 +4,9 @@
 `worker_process_setup_hook`) and the faults in the workers' environment. In each trial process,
 `install` wraps two names `jobs.trial.train_trial` looks up when it runs: `plan_of` (to learn
 which plan this process trains) and `EpochLoop` (to fail inside the real epoch loop). So the
-trial that runs is the one users run, and the fault is real: a `ResourceExhaustedError` out of
-an epoch, or the process exiting with 137 right after an epoch's checkpoint was reported.
+trial that runs is the one users run, and the fault is real: the backend's out-of-memory error
+(TensorFlow's `ResourceExhaustedError`, JAX's RESOURCE_EXHAUSTED) out of an epoch, or the
+process exiting with 137 right after an epoch's checkpoint was reported.
 
 Faults map plan names to a spec:
 - `{"oom_at_epoch": k, "above_micro_batch": m}`: epoch k raises an OOM while the micro-batch is
@@ -75,6 +76,20 @@ def install() -> None:
     trial.EpochLoop = faulty_epoch_loop(current)
 
 
+def out_of_memory_error(message: str) -> Exception:
+    """The error the Keras backend raises when the device is out of memory: TensorFlow's
+    ResourceExhaustedError, or JAX's runtime error with status RESOURCE_EXHAUSTED."""
+    import keras
+
+    if keras.backend.backend() == "jax":
+        import jax
+
+        return jax.errors.JaxRuntimeError(f"RESOURCE_EXHAUSTED: Out of memory; {message}")
+    import tensorflow as tf
+
+    return tf.errors.ResourceExhaustedError(None, None, message)
+
+
 def faulty_epoch_loop(spec: dict[str, Any]) -> type:
     """`jobs.training.EpochLoop` failing as `spec` says (read when each epoch runs)."""
     from jobs.training import EpochLoop
@@ -87,14 +102,13 @@ def faulty_epoch_loop(spec: dict[str, Any]) -> type:
             ):
                 return super()._one_epoch(epoch)
             import keras
-            import tensorflow as tf
 
             class RaiseAfterOneBatch(keras.callbacks.Callback):
                 # Mid-epoch, as a real OOM: one batch has already changed the weights.
                 def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
                     if batch >= 1:
-                        raise tf.errors.ResourceExhaustedError(
-                            None, None, f"injected OOM at epoch {epoch}, micro-batch {micro}"
+                        raise out_of_memory_error(
+                            f"injected OOM at epoch {epoch}, micro-batch {micro}"
                         )
 
             model = self.model

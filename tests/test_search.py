@@ -104,6 +104,7 @@ def test_search_refuses_what_fits_no_worker_and_tracks_the_rest(
     parent = tracking.get_run(result.parent_run_id)
     assert parent.info.status == "FINISHED"
     assert parent.data.tags[layout.TAG_ROLE] == "search"
+    assert parent.data.tags[layout.TAG_BACKEND] == "tensorflow"
     assert parent.info.run_name == Path(result.tune_path).name  # <name>-<timestamp>
     assert parent.info.run_name.startswith("t-search-")
     # The UI opens the experiment on its training runs, not the GenAI overview.
@@ -159,6 +160,8 @@ def test_search_refuses_what_fits_no_worker_and_tracks_the_rest(
         # The precision the trial resolved and applied ("auto" is float32 on a CPU).
         assert run.data.params["precision"] == "auto"
         assert run.data.tags["fer.precision"] == "float32"
+        # The Keras backend the trial trained on (the search's default).
+        assert run.data.tags[layout.TAG_BACKEND] == "tensorflow"
         files = {f.path for f in tracking.list_artifacts(run.info.run_id, layout.MODEL_DIR)}
         assert {"model/model.keras", "model/model.sha256", "model/config.json"} <= files
         # The best epoch's validation probabilities, what the ensemble is chosen from.

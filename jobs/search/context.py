@@ -107,12 +107,16 @@ def resolve_storage(storage: str) -> str:
     return str(path.resolve())
 
 
-def init_ray(num_cpus: int | None = None) -> None:
-    """Start a local Ray (or join $RAY_ADDRESS's cluster, shipping this checkout)."""
+def init_ray(num_cpus: int | None = None, backend: str = "tensorflow") -> None:
+    """Start a local Ray (or join $RAY_ADDRESS's cluster, shipping this checkout); its worker
+    processes import Keras on `backend`."""
     import ray
 
     if ray.is_initialized():
+        if backend != "tensorflow":
+            log.warning("Ray was started elsewhere: trials use its workers' KERAS_BACKEND")
         return
+    trial_env = {**TRIAL_ENV, "KERAS_BACKEND": backend}  # set before a trial imports Keras
     address = os.environ.get("RAY_ADDRESS")
     if address:
         # A cluster: ship the code (workers may not have this checkout).
@@ -128,7 +132,7 @@ def init_ray(num_cpus: int | None = None) -> None:
                 "bench/results",
                 ".stack",
             ],
-            "env_vars": TRIAL_ENV,
+            "env_vars": trial_env,
         }
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
     else:
@@ -139,7 +143,7 @@ def init_ray(num_cpus: int | None = None) -> None:
                 num_cpus=num_cpus,
                 include_dashboard=False,
                 log_to_driver=True,
-                runtime_env={"env_vars": {**TRIAL_ENV, "PYTHONPATH": str(PROJECT_ROOT)}},
+                runtime_env={"env_vars": {**trial_env, "PYTHONPATH": str(PROJECT_ROOT)}},
             )
 
 

@@ -64,7 +64,7 @@ def run_search(
     quick_failing_client_env()
     configure_s3_retries()  # also for callers that bypass the CLI (tests, benchmarks)
     settings, data = prepare_data(settings)  # data errors surface before any run or Ray
-    init_ray()
+    init_ray(backend=settings.backend)
     budget = worker_budget(settings)
     calibration = _calibrate(budget, settings.cpus_per_trial)
     planner = Planner(budget, settings.cpus_per_trial, data.train_rows, data.val_rows, calibration)

@@ -123,6 +123,7 @@ def log_parent(
         TAG_TUNE_PATH: tune_path,
         layout.TAG_DATA_SHA: data_info["sha256"],
         layout.TAG_WORKER_BUDGET: budget.describe(),
+        layout.TAG_BACKEND: settings.backend,
         "version.tensorflow": tf.__version__,
         "version.keras": keras.__version__,
         "version.ray": ray.__version__,

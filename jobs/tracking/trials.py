@@ -188,7 +188,7 @@ class MLflowTrialLogger(tune.Callback):
             "oom_retries": str(result.get("oom_retries", 0)),
         }
         # Where it ran (a restored trial may move): Ray node id and the GPU ids Ray gave it.
-        for key in ("node_id", "gpu_ids", "precision"):
+        for key in ("node_id", "gpu_ids", "precision", "backend"):
             if result.get(key):
                 extra[key] = str(result[key])
         self.queue.submit(
@@ -259,6 +259,8 @@ class MLflowTrialLogger(tune.Callback):
             )
             # The policy the trial resolved ("auto" became mixed_bfloat16, float32, ...).
             training["precision"] = last_result.get("precision", training.get("precision"))
+            if last_result.get("backend"):
+                training["backend"] = last_result["backend"]  # what the trial's Keras ran on
             # The epochs its schedule ended on, so a rebuild from the artifacts trains as long.
             training["max_epochs"] = max_epochs
         run_config = layout.run_config(
