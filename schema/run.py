@@ -13,10 +13,12 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from mlflow.tracking import MlflowClient
+
+if TYPE_CHECKING:  # the names only: the epoch loop imports this module where MLflow is absent
+    from mlflow.tracking import MlflowClient
 
 MODEL_DIR = "model"
 MODEL_FILE = "model.keras"

@@ -93,7 +93,7 @@ def test_a_trial_trains_under_jax_without_tensorflow(jax_run: tuple[Path, dict])
     assert trial["rows_predicted"] == 16 and trial["flipped_differs"]
     facts = result["facts"]
     assert facts["auto_precision"] == "float32" and facts["gpu_memory_info"] is None
-    assert facts["measured_memory_keys"] == ["peak_memory_mb"]  # no GPU peak on a CPU
+    assert facts["measured_memory_keys"] == ["peak_memory_mb", "shared_memory_mb"]  # no GPU peak
     assert facts["other_runtime_error_is_oom"] is False
 
 
