@@ -7,7 +7,8 @@ import os
 import re
 import sys
 from collections.abc import Callable
-from pathlib import Path
+
+from schema.cli import tf_log_level
 
 # S3 retries for every boto3 client a job creates (MLflow's S3 artifact store, the S3 data
 # loader, `prepare --upload`): botocore's default of 3 attempts (older botocore: "legacy" mode,
@@ -20,21 +21,6 @@ S3_RETRY_ENV = {"AWS_RETRY_MODE": "standard", "AWS_MAX_ATTEMPTS": "10"}
 def configure_s3_retries() -> None:
     for name, value in S3_RETRY_ENV.items():
         os.environ.setdefault(name, value)
-
-
-def has_local_gpu() -> bool:
-    """Whether this machine has an NVIDIA device node (decided without importing TensorFlow)."""
-    return any(Path("/dev").glob("nvidia[0-9]*"))
-
-
-def tf_log_level() -> str:
-    """TensorFlow's C++ log level for this machine's processes ($TF_CPP_MIN_LOG_LEVEL wins).
-
-    On a machine without a GPU, TensorFlow's CUDA probe fails in every process that imports
-    it and logs that failure as an error ("failed call to cuInit"), which says nothing about
-    the job; level 3 keeps those out. With a GPU, level 2 keeps TensorFlow's errors visible.
-    """
-    return os.environ.get("TF_CPP_MIN_LOG_LEVEL") or ("2" if has_local_gpu() else "3")
 
 
 def setup_logging() -> None:

@@ -1,4 +1,5 @@
-"""Settings dataclasses as argparse flags: what the `jobs/` and `viz/` CLIs share, below both.
+"""Settings dataclasses as argparse flags, and TensorFlow's log level: what the `jobs/` and
+`viz/` CLIs share, below both.
 
 One `--field-name` flag per dataclass field (`run_id` -> `--run-id`), typed and defaulted by the
 field's default, so MLproject parameters, the CLIs and the dataclasses cannot drift apart
@@ -8,7 +9,9 @@ field's default, so MLproject parameters, the CLIs and the dataclasses cannot dr
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import fields
+from pathlib import Path
 from typing import Any, TypeVar
 
 S = TypeVar("S")
@@ -51,3 +54,18 @@ def from_namespace(cls: type[S], namespace: argparse.Namespace) -> S:
     """Build the settings dataclass from parsed arguments (ignores unrelated attributes)."""
     values = {f.name: getattr(namespace, f.name) for f in fields(cls) if hasattr(namespace, f.name)}
     return cls(**values)
+
+
+def has_local_gpu() -> bool:
+    """Whether this machine has an NVIDIA device node (decided without importing TensorFlow)."""
+    return any(Path("/dev").glob("nvidia[0-9]*"))
+
+
+def tf_log_level() -> str:
+    """TensorFlow's C++ log level for this machine's processes ($TF_CPP_MIN_LOG_LEVEL wins).
+
+    On a machine without a GPU, TensorFlow's CUDA probe fails in every process that imports
+    it and logs that failure as an error ("failed call to cuInit"), which says nothing about
+    the job; level 3 keeps those out. With a GPU, level 2 keeps TensorFlow's errors visible.
+    """
+    return os.environ.get("TF_CPP_MIN_LOG_LEVEL") or ("2" if has_local_gpu() else "3")

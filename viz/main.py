@@ -24,7 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from schema.cli import tf_log_level  # imports neither TensorFlow nor Keras
+
+os.environ["TF_CPP_MIN_LOG_LEVEL"] = tf_log_level()
 
 import numpy as np  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from jobs.cli import tf_log_level
 from jobs.proposals import Planner
 from jobs.settings import SearchSettings
+from schema.cli import tf_log_level
 
 log = logging.getLogger("jobs.search")
 PROJECT_ROOT = Path(__file__).resolve().parent.parent.parent
