@@ -76,12 +76,13 @@ def test_search_refuses_what_fits_no_worker_and_tracks_the_rest(
         cpus_per_trial=1,
     )
     # The fixed points and a kernel-5 CNN at batch 128; the worker is sized just under what
-    # that CNN needs at its smallest micro-batch: it must be refused, SEED2017 (batch 64)
-    # downsized, the DNN fit as it is.
+    # that CNN needs at its smallest micro-batch and what SEED2017 needs at its batch of 64:
+    # the CNN must be refused, SEED2017 downsized, the DNN fit as it is.
     plans = fixed_points(("cnn", "dnn"), 2, 2017) + [big_cnn_plan("cnn-big")]
     probe = plan_trials(settings, WorkerBudget("cpu", 1, "probe"), plans)
     smallest = {e["plan"]["name"]: e["placement"]["min_estimated_mb"] for e in probe}
-    budget_mb = smallest["cnn-big"] - 0.5
+    whole = {e["plan"]["name"]: e["placement"]["estimated_mb"] for e in probe}
+    budget_mb = min(smallest["cnn-big"], whole["seed2017"]) - 0.5
     settings.worker_memory_gb = budget_mb / 1024
     entries = plan_trials(settings, WorkerBudget("cpu", int(budget_mb * MIB), "test"), plans)
     status = {e["plan"]["name"]: e["placement"]["status"] for e in entries}
@@ -89,6 +90,7 @@ def test_search_refuses_what_fits_no_worker_and_tracks_the_rest(
     assert status == {"seed2017": "downsized", "dnn-matched": "fits", "cnn-big": "does_not_fit"}, (
         status,
         smallest,
+        whole,
     )
     largest = "cnn-big"
 
@@ -436,7 +438,7 @@ def test_the_final_trains_the_best_config_until_its_share_of_the_budget_is_spent
         families="dnn",
         num_samples=3,
         max_epochs=1000,  # the cap: the clock binds first
-        time_budget_min=2.0,
+        time_budget_min=3.0,
         final_budget_share=0.5,
         final_trials=1,
         grace_epochs=1,
@@ -455,10 +457,10 @@ def test_the_final_trains_the_best_config_until_its_share_of_the_budget_is_spent
     epochs = int(final.data.tags[layout.TAG_EPOCHS_DONE])
     assert 1 <= epochs < settings.max_epochs
     budget_s = float(final.data.params["time_budget_s"])
-    assert 0 < budget_s < 60  # its share, less the margin and the setup
+    assert 0 < budget_s < 90  # its share, less the margin and the setup
     trained_s = (final.info.end_time - final.info.start_time) / 1000
     assert trained_s < budget_s + 30, (trained_s, budget_s)  # setup and logging besides
-    assert time.time() - started < 120 + 90  # the search as a whole: its budget, then tracking
+    assert time.time() - started < 180 + 90  # the search as a whole: its budget, then tracking
     # Each real trial's memory estimate (its model's step, the calibrated runtime, its data)
     # against its own measured peak: a loose bound here, the benchmark holds the tight one.
     from jobs.search.summary import memory_rows
