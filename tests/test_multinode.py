@@ -248,7 +248,7 @@ def test_search_places_by_per_gpu_memory_on_a_mixed_gpu_cluster(
     trained = {name: run for name, run in by_name.items() if name != "huge"}
 
     # 3. What fits no card is refused up front and never launched; the others all finish.
-    assert result.refused == ["huge"]
+    assert list(result.refused) == ["huge"]
     huge = by_name["huge"]
     assert huge.data.tags[layout.TAG_STATUS] == "does_not_fit"
     assert "fer.refusal" in huge.data.tags
