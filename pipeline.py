@@ -27,11 +27,10 @@ def closing_lines(result: Any, registered: bool, viz: dict[str, Any] | None) -> 
         accuracy = (
             f"{viz['accuracy']:.3f} on {viz.get('split_size')} {viz.get('split')} rows; " + accuracy
         )
-    lines = [
-        "",
-        f"Search finished in {minutes:.1f} min.",
-        f"  Champion:  run {champion}, {kind} ({accuracy})",
-    ]
+    lines = ["", f"Search finished in {minutes:.1f} min."]
+    if result.strategy:
+        lines.append(f"  Strategy:  {result.strategy}")
+    lines.append(f"  Champion:  run {champion}, {kind} ({accuracy})")
     if viz:
         lines.append(
             f"  Report:    report.html and figures/ in run {champion}'s artifacts "

@@ -87,7 +87,7 @@ def _search(
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from jobs.search import run_search
+    from jobs.search import Strategy, run_search
     from jobs.settings import SearchSettings
 
     uri = f"sqlite:///{workdir}/mlflow.db"
@@ -111,7 +111,7 @@ def _search(
         cpus_per_trial=cpus_per_trial,
         register=False,
     )
-    result = run_search(settings, plans=plans)
+    result = run_search(settings, Strategy.fixed(plans))
     return result, MlflowClient(uri)
 
 

@@ -149,7 +149,7 @@ def packed_trials(data: str, card_mb: int, workdir: Path) -> dict[str, Any]:
     import ray
 
     from jobs.resources import GPU_MEMORY_RESOURCE
-    from jobs.search import TRIAL_ENV, run_search
+    from jobs.search import TRIAL_ENV, Strategy, run_search
     from jobs.settings import SearchSettings
     from jobs.space import fixed_points
     from schema.run import RESULT_TAG_PREFIX
@@ -175,7 +175,7 @@ def packed_trials(data: str, card_mb: int, workdir: Path) -> dict[str, Any]:
         name="gpu-check",
         cpus_per_trial=2,
     )
-    result = run_search(settings, plans=plans)
+    result = run_search(settings, Strategy.fixed(plans))
     client = mlflow.tracking.MlflowClient(uri)
     space = json.loads(
         mlflow.artifacts.load_text(f"runs:/{result.parent_run_id}/search/space.json")

@@ -151,7 +151,9 @@ class PlacingSearcher(Searcher):
     `queue` holds the fixed plans in launch order; a None in it stands for the model-based
     searcher's next proposal (whose first points are its `points_to_evaluate`, named by
     `inner_names`). `grace_epochs` is the scheduler's first rung: a proposal whose setup plus
-    that many estimated epochs exceeds the time left is not started.
+    that many estimated epochs exceeds the time left (or its own `time_budget_s`) is not
+    started. With `fill` > 0, a plan's `time_budget_s` is cut, when it starts, to that share of
+    the time left less its setup: a plan that waited for a slot still ends with the budget.
     """
 
     def __init__(
@@ -165,6 +167,7 @@ class PlacingSearcher(Searcher):
         inner_names: list[str] | None = None,
         make_plan: Any = None,  # (params, name) -> TrialPlan, for the inner's proposals
         grace_epochs: int = 1,
+        fill: float = 0.0,
         metric: str = "best_val_accuracy",
         mode: str = "max",
     ) -> None:
@@ -177,6 +180,7 @@ class PlacingSearcher(Searcher):
         self.inner_names = list(inner_names or [])
         self.make_plan = make_plan
         self.grace_epochs = grace_epochs
+        self.fill = fill
         self.proposed = 0  # from the inner searcher, accepted or not (names its plans)
         self.inner_ids: dict[str, str] = {}  # Tune trial id -> the inner searcher's id
         self.started: list[str] = []
@@ -210,7 +214,7 @@ class PlacingSearcher(Searcher):
             plan, inner_id = self._next(trial_id, attempt)
             if plan is None:
                 return Searcher.FINISHED
-            placed = self.planner.place(plan)
+            placed = self.planner.place(self._filled(plan))
             if not placed.refusal:
                 placed = self._time_check(placed)
             if not placed.refusal:
@@ -243,18 +247,34 @@ class PlacingSearcher(Searcher):
         )
         return Searcher.FINISHED
 
+    def _filled(self, plan: TrialPlan) -> TrialPlan:
+        box = float(plan.training.get("time_budget_s", 0) or 0)
+        if self.fill <= 0 or box <= 0:
+            return plan
+        fits = round(self.clock.left() * self.fill - SETUP_SECONDS, 1)
+        if fits >= box:
+            return plan
+        training = {**plan.training, "time_budget_s": max(fits, 0.0)}
+        return TrialPlan(
+            plan.name, plan.model, training, plan.phase, plan.warm_start, plan.warm_start_from
+        )
+
     def _time_check(self, placed: PlacedTrial) -> PlacedTrial:
         if placed.estimated_epoch_seconds <= 0:
             return placed
         epochs = min(self.grace_epochs, int(placed.plan.training["max_epochs"]))
         needed = SETUP_SECONDS + epochs * placed.estimated_epoch_seconds
         left = self.clock.left()
+        box = float(placed.plan.training.get("time_budget_s", 0) or 0)
+        whose = "of the budget"
+        if 0 < box and box + SETUP_SECONDS < left:
+            left, whose = box + SETUP_SECONDS, "in its time box"
         if needed <= left:
             return placed
         reason = (
             f"needs about {needed:.0f} s to reach epoch {epochs} (setup {SETUP_SECONDS:.0f} s + "
             f"{epochs} x {placed.estimated_epoch_seconds:.0f} s estimated), {max(left, 0):.0f} s "
-            f"of the budget left"
+            f"{whose} left"
         )
         return PlacedTrial(
             placed.plan, placed.placement, placed.estimated_epoch_seconds, OVER_BUDGET, reason

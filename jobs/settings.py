@@ -12,6 +12,7 @@ from typing import Any
 
 # The generic dataclass <-> argparse helpers live below jobs/ and viz/ (schema/cli.py); they
 # are re-exported here under the names the entry points and tests import.
+from schema import run as layout
 from schema.cli import add_arguments, from_namespace
 
 __all__ = [
@@ -29,6 +30,9 @@ DATA_HELP = (
     "the course train.csv/test.csv, or an image-folder tree. Get it from the Kaggle "
     "'Challenges in Representation Learning: Facial Expression Recognition' competition."
 )
+
+
+STRATEGIES = ("auto", layout.STRATEGY_EXPLORE, layout.STRATEGY_EXPLOIT)
 
 
 @dataclass
@@ -53,6 +57,10 @@ class SearchSettings:
     # that ends with the budget; 0: no final training.
     final_budget_share: float = 0.5
     final_trials: int = 2  # best configs trained in the final share (at most one per slot)
+    # auto: explore only where the budget holds enough finished models of the best known
+    # config per slot, else train copies of it (jobs/search/strategy.py); explore / exploit
+    # force one.
+    strategy: str = "auto"
     # auto: mixed_bfloat16 / mixed_float16 on GPUs, float32 on CPUs (model/precision.py)
     precision: str = "auto"
     # The Keras backend trials train on: tensorflow or jax (model/backend.py). The driver, the
@@ -73,6 +81,10 @@ class SearchSettings:
             )
         if self.num_samples < 1:
             raise ValueError(f"num_samples: expected >= 1, got {self.num_samples}")
+        if self.strategy not in STRATEGIES:
+            raise ValueError(
+                f"strategy: expected one of {', '.join(STRATEGIES)}, got {self.strategy!r}"
+            )
         from model.backend import check_backend
         from model.precision import check_precision
 

@@ -56,6 +56,15 @@ REFUSED_STATUSES = (STATUS_DOES_NOT_FIT, STATUS_OVER_BUDGET)
 TRAINED_STATUSES = (STATUS_FINISHED, STATUS_EARLY_STOPPED)
 # The values of `fer.phase`.
 PHASE_EXPLORE = "explore"
+# What a search does with its budget (jobs/search/strategy.py), as the parent run's params.
+STRATEGY_EXPLORE = "explore"
+STRATEGY_EXPLOIT = "exploit"
+STRATEGY_FIXED = "fixed"
+PARAM_STRATEGY = "strategy.kind"
+PARAM_STRATEGY_FINAL_SHARE = "strategy.final_share"
+PARAM_STRATEGY_MODEL_MINUTES = "strategy.model_minutes"
+PARAM_STRATEGY_MODELS_PER_SLOT = "strategy.models_per_slot"
+TAG_STRATEGY = "fer.strategy"  # the decision in words, with its numbers
 PHASE_FINAL = "final"
 TAG_PLAN_NAME = "fer.plan_name"
 TAG_PHASE = "fer.phase"

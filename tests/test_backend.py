@@ -83,6 +83,7 @@ def test_selecting_jax_caps_its_gpu_allocator_at_the_placement_share(
         select_backend("jax", 1.5)
 
 
+@pytest.mark.integration
 def test_a_trial_trains_under_jax_without_tensorflow(jax_run: tuple[Path, dict]) -> None:
     _, result = jax_run
     assert result["backend"] == "jax"
@@ -97,6 +98,7 @@ def test_a_trial_trains_under_jax_without_tensorflow(jax_run: tuple[Path, dict])
     assert facts["other_runtime_error_is_oom"] is False
 
 
+@pytest.mark.integration
 def test_a_jax_model_loads_under_tensorflow_and_predicts_the_same(
     jax_run: tuple[Path, dict],
 ) -> None:
@@ -109,6 +111,7 @@ def test_a_jax_model_loads_under_tensorflow_and_predicts_the_same(
     np.testing.assert_allclose(again, probe["probabilities"], atol=1e-4, rtol=0)
 
 
+@pytest.mark.integration
 def test_a_jax_out_of_memory_error_takes_the_tensorflow_path(jax_run: tuple[Path, dict]) -> None:
     """Halved micro-batch, resumed from the checkpoint: no epoch lost or repeated."""
     _, result = jax_run

@@ -10,9 +10,12 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.integration
 def test_gpu_check_runs_on_a_cpu_and_names_what_it_skipped(tmp_path: Path) -> None:
     out = tmp_path / "gpu.json"
     started = time.monotonic()
@@ -36,6 +39,7 @@ def test_gpu_check_runs_on_a_cpu_and_names_what_it_skipped(tmp_path: Path) -> No
     assert "no GPU visible to TensorFlow" in done.stdout
 
 
+@pytest.mark.integration
 def test_the_device_scripts_dry_run_writes_its_json_without_tensorflow_ray_or_mlflow(
     tmp_path: Path,
 ) -> None:

@@ -29,7 +29,7 @@ from jobs.resources import (
     budget_from_nodes,
     place,
 )
-from jobs.search import plan_trials, run_search
+from jobs.search import Strategy, plan_trials, run_search
 from jobs.settings import SearchSettings
 from model.dnn import DNNConfig
 from schema import run as layout
@@ -234,7 +234,7 @@ def test_search_places_by_per_gpu_memory_on_a_mixed_gpu_cluster(
 
     monkeypatch.setattr(MLflowTrialLogger, "on_trial_start", spy)
 
-    result = run_search(settings, plans=PLANS)
+    result = run_search(settings, Strategy.fixed(PLANS))
 
     parent = tracking.get_run(result.parent_run_id)
     assert parent.info.status == "FINISHED"

@@ -510,7 +510,7 @@ def test_05_config_larger_than_every_worker_is_refused_before_launch(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, local_ray: None, default_runtime_memory: None
 ) -> None:
     from jobs.resources import WorkerBudget
-    from jobs.search import plan_trials, run_search
+    from jobs.search import Strategy, plan_trials, run_search
     from jobs.settings import SearchSettings
     from jobs.space import fixed_points
 
@@ -540,7 +540,7 @@ def test_05_config_larger_than_every_worker_is_refused_before_launch(
     fitting = set(probe) - too_big
     assert "dnn-matched" in too_big and fitting, probe
 
-    result = run_search(settings, plans=plans)
+    result = run_search(settings, Strategy.fixed(plans))
 
     assert set(result.refused) == too_big
     runs = {r.info.run_name: r for r in child_runs(client, result.parent_run_id)}

@@ -15,7 +15,7 @@ from mlflow.tracking import MlflowClient
 
 from conftest import child_runs
 from jobs.resources import GIB, MIB, WorkerBudget, budget_from_nodes, place
-from jobs.search import plan_trials, run_search
+from jobs.search import Strategy, plan_trials, run_search
 from jobs.settings import SearchSettings
 from jobs.space import fixed_points
 from jobs.tracking import TAG_STOP_REASON
@@ -96,7 +96,7 @@ def test_search_refuses_what_fits_no_worker_and_tracks_the_rest(
 
     staging = Path(tempfile.gettempdir())
     staged_before = set(staging.glob("fer-model-*"))
-    result = run_search(settings, plans=plans)
+    result = run_search(settings, Strategy.fixed(plans))
 
     # Each model was staged for upload in the temp dir, and removed once logged.
     assert set(staging.glob("fer-model-*")) == staged_before
@@ -273,7 +273,7 @@ def test_trials_start_in_plan_order_on_a_local_ray(
         cpus_per_trial=2,
         register=False,
     )
-    result = run_search(settings, plans=plans)
+    result = run_search(settings, Strategy.fixed(plans))
 
     started = sorted(
         child_runs(tracking, result.parent_run_id), key=lambda run: run.info.start_time
@@ -469,3 +469,46 @@ def test_the_final_trains_the_best_config_until_its_share_of_the_budget_is_spent
     assert {row["name"] for row in rows} >= {final.info.run_name}
     for row in rows:
         assert abs(row["error"]) <= 0.25, rows
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(600)
+def test_an_exploiting_search_trains_seeded_copies_and_boxes_the_anchors(
+    tmp_path: Path, tracking: MlflowClient, ray_session: None
+) -> None:
+    """strategy=exploit: no explore phase; one copy of the known-good CNN per slot, each its own
+    seed, on every row to the end of the budget; the coursework anchors in their time box; the
+    decision and its numbers on the parent run."""
+    data = write_fer_csv(tmp_path / "fer.csv")
+    settings = SearchSettings(
+        data=str(data),
+        families="cnn,dnn",
+        max_epochs=1000,  # the clock binds first
+        time_budget_min=4,
+        strategy="exploit",
+        cpus_per_trial=1,
+        storage=str(tmp_path / "tune"),
+        name="t-exploit",
+        register=False,
+    )
+    result = run_search(settings)
+
+    parent = tracking.get_run(result.parent_run_id)
+    assert parent.data.params[layout.PARAM_STRATEGY] == "exploit"
+    assert "strategy=exploit was asked for" in parent.data.tags[layout.TAG_STRATEGY]
+    runs = {run.info.run_name: run for run in child_runs(tracking, result.parent_run_id)}
+    assert set(runs) == {"cnn-fast-final", "cnn-fast-final-2", "dnn-matched", "seed2017"}
+    assert all(run.data.params.get("phase") == "final" for run in runs.values())
+    copies = [runs["cnn-fast-final"], runs["cnn-fast-final-2"]]
+    assert {run.data.tags[layout.TAG_STATUS] for run in copies} == {layout.STATUS_FINISHED}
+    assert copies[0].data.params["seed"] != copies[1].data.params["seed"]
+    assert {run.data.params["train_fraction"] for run in copies} == {"1.0"}
+    # The second copy waited for the anchors' slot: its budget was cut to what was left.
+    assert float(copies[1].data.params["time_budget_s"]) < float(
+        copies[0].data.params["time_budget_s"]
+    )
+    for name in ("dnn-matched", "seed2017"):
+        status = runs[name].data.tags[layout.TAG_STATUS]
+        assert status in (*layout.TRAINED_STATUSES, layout.STATUS_OVER_BUDGET), (name, status)
+        if status == layout.STATUS_OVER_BUDGET:
+            assert "in its time box" in runs[name].data.tags[layout.TAG_REFUSAL]

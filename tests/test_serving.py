@@ -16,6 +16,8 @@ from conftest import free_port, wait_for_http
 
 ROOT = Path(__file__).resolve().parent.parent
 
+pytestmark = pytest.mark.integration
+
 
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("champion", ["single", "ensemble"])

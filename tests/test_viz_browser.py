@@ -18,6 +18,8 @@ import viz_helpers as h
 
 CHROMIUM = Path("/usr/bin/chromium")
 
+pytestmark = pytest.mark.integration
+
 
 @pytest.fixture(autouse=True)
 def chromium_installed() -> None:

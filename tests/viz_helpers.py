@@ -355,7 +355,7 @@ def png_has_content(path: Path, min_colours: int = 16) -> bool:
 
 
 def dnn_plan(name: str, hidden: tuple[int, ...], max_epochs: int = 1) -> dict[str, Any]:
-    """A DNN trial plan for `run_search(plans=...)`: batch 32; the hidden sizes set its
+    """A DNN trial plan for `Strategy.fixed(plans)`: batch 32; the hidden sizes set its
     estimated memory."""
     from model.configs import config_to_dict
     from model.dnn import DNNConfig

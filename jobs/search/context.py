@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from jobs.proposals import Planner
+from jobs.search.strategy import Strategy
 from jobs.settings import SearchSettings
 from schema.cli import tf_log_level
 
@@ -70,8 +71,7 @@ class SearchContext:
     planner: Planner
     run: SearchRun
     started: float  # wall time the search started (time.time())
-    # Exactly these plans, in order, replace the adaptive search (benchmarks of fixed configs).
-    plans: tuple[dict[str, Any], ...] | None = None
+    strategy: Strategy
 
     @property
     def total_s(self) -> float:
@@ -79,7 +79,7 @@ class SearchContext:
 
     @property
     def final_share(self) -> float:
-        return self.settings.final_budget_share if self.plans is None else 0.0
+        return self.strategy.final_share
 
     @property
     def explore_s(self) -> float:

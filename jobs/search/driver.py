@@ -22,11 +22,13 @@ from jobs.search.context import (
     SearchRun,
     init_ray,
     resolve_storage,
+    slots,
 )
 from jobs.search.ensemble import ensemble
 from jobs.search.explore import EXPLORE_MIN_ROWS, explore, explore_fraction, plan_trials
 from jobs.search.final import final
 from jobs.search.register import Champion, register
+from jobs.search.strategy import FIXED, Strategy, best_known_plan, decide
 from jobs.search.summary import Summary, summarise
 from jobs.settings import SearchSettings
 
@@ -46,16 +48,14 @@ class SearchResult:
     trials: tuple[dict[str, Any], ...] = ()
     refused: tuple[str, ...] = ()
     wall_seconds: float = 0.0
+    strategy: str = ""  # what the search did with its budget and why, in words
 
 
-def run_search(
-    settings: SearchSettings,
-    plans: list[dict[str, Any]] | None = None,
-) -> SearchResult:
+def run_search(settings: SearchSettings, strategy: Strategy | None = None) -> SearchResult:
     """Run (or resume) one search; returns the parent run, the best child and its accuracy.
 
-    `plans` replaces the adaptive search by exactly these plans, in order, with no final
-    phase (benchmarks compare fixed configs).
+    The strategy (explore or exploit) is decided from the calibration and the budget unless
+    one is given (`Strategy.fixed(plans)`: exactly these plans, compared side by side).
     """
     from jobs.cli import configure_s3_retries
     from jobs.tracking.queue import quick_failing_client_env
@@ -68,9 +68,14 @@ def run_search(
     budget = worker_budget(settings)
     calibration = _calibrate(budget, settings.cpus_per_trial)
     planner = Planner(budget, settings.cpus_per_trial, data.train_rows, data.val_rows, calibration)
-    run = open_run(settings, budget, data, calibration, plans)
-    fixed = tuple(plans) if plans is not None else None
-    ctx = SearchContext(settings, data, budget, planner, run, started, fixed)
+    if strategy is None:
+        strategy = decide(
+            settings, planner, best_known_plan(settings), slots(settings.cpus_per_trial)
+        )
+    run = open_run(settings, budget, data, calibration, strategy)
+    if run.resumed:
+        strategy = resumed_strategy(run, strategy)
+    ctx = SearchContext(settings, data, budget, planner, run, started, strategy)
     try:
         explored = explore(ctx)
         final(ctx, explored)
@@ -81,7 +86,8 @@ def run_search(
     except BaseException:
         close_run(run, "FAILED")
         raise
-    return _result(run, champion, summary, ensembled.note, time.time() - started)
+    result = _result(run, champion, summary, ensembled.note, time.time() - started)
+    return dataclasses.replace(result, strategy=f"{strategy.kind}: {strategy.reason}")
 
 
 def prepare_data(settings: SearchSettings) -> tuple[SearchSettings, SearchData]:
@@ -126,9 +132,10 @@ def open_run(
     budget: Any,
     data: SearchData,
     calibration: Any,
-    plans: list[dict[str, Any]] | None,
+    strategy: Strategy,
 ) -> SearchRun:
-    """The parent run (an earlier one on resume) and, for a new search, what it plans."""
+    """The parent run (an earlier one on resume) and, for a new search, what it plans and the
+    strategy it chose."""
     import mlflow
     from mlflow.tracking import MlflowClient
 
@@ -139,11 +146,29 @@ def open_run(
     storage = resolve_storage(settings.storage)
     parent_id, tune_path, resumed = parent_run.open_parent(client, experiment_id, settings, storage)
     if not resumed:
+        plans = list(strategy.plans) if strategy.kind == FIXED else None
         planned = plan_trials(settings, budget, plans)
         parent_run.log_parent(
             client, parent_id, settings, budget, planned, data.info, tune_path, calibration
         )
+        parent_run.log_strategy(client, parent_id, strategy.params(), strategy.reason)
     return SearchRun(mlflow.get_tracking_uri(), experiment_id, parent_id, tune_path, resumed)
+
+
+def resumed_strategy(run: SearchRun, decided: Strategy) -> Strategy:
+    """A resumed search keeps the strategy its parent run recorded (a new calibration must not
+    turn an explored search into an exploiting one halfway)."""
+    from mlflow.tracking import MlflowClient
+
+    from schema import run as layout
+
+    params = MlflowClient(run.tracking_uri).get_run(run.parent_id).data.params
+    kind = params.get(layout.PARAM_STRATEGY)
+    if kind is None or kind == decided.kind:
+        return decided
+    share = float(params.get(layout.PARAM_STRATEGY_FINAL_SHARE, decided.final_share))
+    log.info("resume: the search keeps its recorded strategy %s", kind)
+    return dataclasses.replace(decided, kind=kind, final_share=share, reason="as recorded")
 
 
 def close_run(run: SearchRun, status: str) -> None:

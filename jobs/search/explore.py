@@ -13,6 +13,7 @@ from typing import Any
 from jobs.plan import TrialPlan
 from jobs.proposals import PlacingSearcher, Planner, ProposalClock
 from jobs.search.context import SearchContext
+from jobs.search.strategy import FIXED
 from jobs.search.tune_phase import TuneSpec, fit
 from jobs.settings import SearchSettings
 from jobs.tracking.queue import drain_seconds
@@ -33,14 +34,17 @@ EXPLORE_MIN_ROWS = 7000
 class ExploreResult:
     """The explored trials (Tune's result grid), what the final phase picks from."""
 
-    grid: Any  # ray.tune.ResultGrid
+    grid: Any  # ray.tune.ResultGrid; None where the search did not explore (it exploits)
 
 
 def explore(ctx: SearchContext) -> ExploreResult:
-    """Run (or resume) the explore phase within its share of the budget."""
+    """Run (or resume) the explore phase within its share of the budget (none where the
+    strategy exploits)."""
+    if not ctx.strategy.explores:
+        return ExploreResult(None)
     settings, run = ctx.settings, ctx.run
     recorder = RefusalRecorder(run.tracking_uri, run.experiment_id, run.parent_id, ctx.data.info)
-    plans = list(ctx.plans) if ctx.plans is not None else None
+    plans = list(ctx.strategy.plans) if ctx.strategy.kind == FIXED else None
     searcher = _explore_searcher(settings, ctx.planner, recorder, ctx.explore_s, plans)
     logger = MLflowTrialLogger(
         run.tracking_uri,

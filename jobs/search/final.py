@@ -1,7 +1,10 @@
-"""Final: the best explored configs go on from their explored weights, on every row, to the end.
+"""Final: the best configs trained on every row to the end of the budget.
 
-The last `final_budget_share` of the budget trains them on a cosine schedule sized to end with
-the budget; each plans its epochs on its measured epoch time (jobs/training.py).
+An explored search's final share (jobs/search/strategy.py) continues the best explored configs
+from their explored weights; an exploiting search spends its whole budget here, on seeded copies
+of the best known config (and the coursework anchors in a short time box). Every final trial
+trains on a cosine schedule sized to end with the budget, planning its epochs on its measured
+epoch time (jobs/training.py).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from jobs.plan import FINAL, TrialPlan, placed_from_config
 from jobs.proposals import SETUP_SECONDS, PlacingSearcher, Planner, ProposalClock
 from jobs.search.context import FINAL_SUFFIX, SearchContext, slots
 from jobs.search.explore import ExploreResult
+from jobs.search.strategy import EXPLOIT
 from jobs.search.tune_phase import TuneSpec, fit
 from jobs.settings import SearchSettings
 from jobs.tracking.queue import drain_seconds
@@ -53,20 +57,25 @@ def final(ctx: SearchContext, explored: ExploreResult) -> FinalResult | None:
     final_path = run.tune_path + FINAL_SUFFIX
     restore = run.resumed and tune.Tuner.can_restore(final_path)
     settings = ctx.settings
-    plans = (
-        []
-        if restore
-        else final_plans(
-            settings, explored.grid, ctx.planner, seconds_left, slots(settings.cpus_per_trial)
-        )
-    )
+    free = slots(settings.cpus_per_trial)
+    if restore:
+        plans: list[TrialPlan] = []
+    elif ctx.strategy.kind == EXPLOIT:
+        plans = exploit_plans(settings, seconds_left, free)
+    else:
+        plans = final_plans(settings, explored.grid, ctx.planner, seconds_left, free)
     if not restore and not plans:
         log.info("final: nothing to train (%.0f s left)", seconds_left)
         return FinalResult((), seconds_left)
     log.info("final: %s in %.0f s", ", ".join(p.name for p in plans) or "resumed", seconds_left)
     recorder = RefusalRecorder(run.tracking_uri, run.experiment_id, run.parent_id, ctx.data.info)
     searcher = PlacingSearcher(
-        ctx.planner, list(plans), recorder, ProposalClock(seconds_left), grace_epochs=1
+        ctx.planner,
+        list(plans),
+        recorder,
+        ProposalClock(seconds_left),
+        grace_epochs=1,
+        fill=FINAL_FILL,
     )
     logger = MLflowTrialLogger(
         run.tracking_uri, run.experiment_id, run.parent_id, ctx.data.info, seconds_left
@@ -125,6 +134,49 @@ def final_plans(
         if plan is not None:
             chosen.append(plan)
     return chosen
+
+
+def exploit_plans(settings: SearchSettings, seconds_left: float, slots: int) -> list[TrialPlan]:
+    """Seeded copies of the best known config on every row, one per slot, each on a cosine to
+    the end of the budget; the coursework anchors (the matched DNN, SEED2017) in a time box of
+    COURSEWORK_SHARE of the budget each, on the last slot before its copy starts (that copy
+    then fills what is left: `PlacingSearcher(fill=...)`). An anchor that cannot reach its first
+    epoch in its box is refused `over_budget` with the numbers, as in an explored search."""
+    from jobs.search.strategy import COURSEWORK_SHARE, best_known_plan
+    from jobs.space import COURSEWORK_POINTS, fixed_points, parse_families
+
+    best = best_known_plan(settings)
+    budget_s = round(seconds_left * FINAL_FILL - SETUP_SECONDS, 1)
+    copies = []
+    for copy in range(max(1, slots)):
+        training = {
+            **best.training,
+            "train_fraction": 1.0,
+            "lr_schedule": "cosine",
+            "seed": int(best.training["seed"]) + copy,
+            "time_budget_s": budget_s,
+        }
+        name = best.name + FINAL_SUFFIX + (f"-{copy + 1}" if copy else "")
+        copies.append(TrialPlan(name, best.model, training, FINAL))
+    box_s = round(settings.time_budget_min * 60 * COURSEWORK_SHARE, 1)
+    fixed = fixed_points(parse_families(settings.families), settings.max_epochs, settings.seed)
+    anchors = [
+        TrialPlan(
+            point["name"],
+            point["model"],
+            {
+                **point["training"],
+                "train_fraction": 1.0,
+                "lr_schedule": "cosine",
+                "precision": settings.precision,
+                "time_budget_s": box_s,
+            },
+            FINAL,
+        )
+        for point in fixed
+        if point["name"] in COURSEWORK_POINTS and point["name"] != best.name
+    ]
+    return copies[:-1] + anchors + copies[-1:]
 
 
 def _final_plan(

@@ -175,3 +175,14 @@ def children(client: Any, parent_id: str, role: str = ROLE_TRIAL) -> list[Any]:
         ),
         max_results=5000,
     )
+
+
+def log_strategy(client: Any, parent_id: str, params: dict[str, str], reason: str) -> None:
+    """What the search does with its budget and why (jobs/search/strategy.py)."""
+    from mlflow.entities import Param, RunTag
+
+    client.log_batch(
+        parent_id,
+        params=[Param(key, value) for key, value in params.items()],
+        tags=[RunTag(layout.TAG_STRATEGY, reason[:5000])],
+    )
