@@ -306,6 +306,9 @@ def test_final_plans_train_the_best_configs_to_the_end_of_the_time_left() -> Non
     assert [p.name for p in twice] == ["dnn-b-final", "dnn-b-final-2"]
     assert twice[1].training["seed"] == twice[0].training["seed"] + 1
     assert twice[1].model == twice[0].model
+    # The copy is another trajectory: from scratch, not from the explored weights.
+    assert twice[0].warm_start and twice[0].warm_start_from == "dnn-b"
+    assert twice[1].warm_start == "" and twice[1].warm_start_from == ""
 
 
 def test_a_final_trial_starts_from_the_explored_weights(tmp_path: Path) -> None:

@@ -103,8 +103,9 @@ def final_plans(
     cosine schedule that ends on the last of them.
 
     The slots go to distinct configs within FINAL_MAX_GAP of the best; a slot left over trains
-    the best config again with another shuffle seed (a second model of the best config is
-    worth more than a config ten points worse).
+    the best config again from scratch with another seed (a second model of the best config is
+    worth more than a config ten points worse, and an independent one more to the ensemble
+    than a second run from the same weights).
     """
     from jobs.space import COURSEWORK_POINTS
 
@@ -211,7 +212,9 @@ def _final_plan(
         budget_s,
     )
     name = explored.plan.name + FINAL_SUFFIX + (f"-{copy + 1}" if copy else "")
-    warm = _checkpoint_uri(result.checkpoint)
+    # A second copy starts afresh with its own seed: a copy of the same explored weights would
+    # follow nearly the same trajectory, and the ensemble gains little from it.
+    warm = "" if copy else _checkpoint_uri(result.checkpoint)
     return TrialPlan(
         name,
         explored.plan.model,
@@ -219,7 +222,7 @@ def _final_plan(
         {**training, "time_budget_s": round(budget_s, 1)},
         FINAL,
         warm,
-        explored.plan.name,
+        "" if copy else explored.plan.name,
     )
 
 
