@@ -53,6 +53,23 @@ def resolve_model_config(family: str, preset: str, overrides: str) -> Any:
     return config_from_dict(base)
 
 
+def training_config(settings: TrainSettings) -> Any:
+    """The epoch loop's `jobs.training.TrainingConfig` for these settings (one micro-batch per
+    batch: a single run has the whole worker)."""
+    from jobs.training import TrainingConfig
+
+    return TrainingConfig(
+        batch_size=settings.batch_size,
+        micro_batch_size=settings.batch_size,
+        learning_rate=settings.learning_rate,
+        optimizer=settings.optimizer,
+        max_epochs=settings.epochs,
+        seed=settings.seed,
+        lr_schedule=settings.lr_schedule,
+        precision=settings.precision,
+    )
+
+
 def train(settings: TrainSettings) -> dict[str, Any]:
     """Train, log to MLflow (the run `mlflow run` opened, or a new one); return final metrics."""
     from model.backend import require_backend
@@ -65,7 +82,7 @@ def train(settings: TrainSettings) -> dict[str, Any]:
     from jobs.data import prepare_arrays, resolve_data
     from jobs.resources import MIB
     from jobs.tracking.models import dataset_inputs, log_keras_model
-    from jobs.training import BEST_MODEL, BEST_PREDICTIONS, EpochLoop, TrainData, TrainingConfig
+    from jobs.training import BEST_MODEL, BEST_PREDICTIONS, EpochLoop, TrainData
     from model.configs import build_model, config_to_dict
     from model.memory import estimate_training_memory
     from model.precision import apply_precision, resolve_precision
@@ -73,16 +90,7 @@ def train(settings: TrainSettings) -> dict[str, Any]:
 
     data = resolve_data(settings.data)
     model_config = resolve_model_config(settings.family, settings.preset, settings.config)
-    training = TrainingConfig(
-        batch_size=settings.batch_size,
-        micro_batch_size=settings.batch_size,
-        learning_rate=settings.learning_rate,
-        optimizer=settings.optimizer,
-        max_epochs=settings.epochs,
-        seed=settings.seed,
-        lr_schedule=settings.lr_schedule,
-        precision=settings.precision,
-    )
+    training = training_config(settings)
     arrays, data_info = prepare_arrays(data, settings.data_fraction, settings.seed)
     keras.utils.set_random_seed(settings.seed)
     stats = (arrays["mean"], arrays["variance"])

@@ -154,3 +154,41 @@ def test_the_cycle_check_sees_a_cycle_through_a_lazy_import(tmp_path: Path) -> N
     graph = module_graph(tmp_path, ("pkg",))
     assert graph["pkg.b"] == {"pkg.a"} and graph["pkg.c"] == {"pkg.a"}
     assert import_cycles(graph) == [["pkg.a", "pkg.b"]]
+
+
+# Small readable files and functions: a search module holds one phase, a function one step.
+MAX_JOBS_FILE_LINES = 400
+MAX_FUNCTION_LINES = 80
+
+
+def _long_functions(path: Path, root: Path = ROOT) -> list[str]:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    return [
+        f"{path.relative_to(root)}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1})"
+        for node in ast.walk(tree)
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
+        and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES
+    ]
+
+
+def test_jobs_files_and_product_functions_stay_small() -> None:
+    long_files = [
+        f"{path.relative_to(ROOT)} ({len(path.read_text().splitlines())})"
+        for path in sorted((ROOT / "jobs").rglob("*.py"))
+        if len(path.read_text().splitlines()) > MAX_JOBS_FILE_LINES
+    ]
+    assert long_files == [], f"files in jobs/ over {MAX_JOBS_FILE_LINES} lines"
+    long_functions = [
+        found
+        for package in ("jobs", "viz", "model")
+        for path in sorted((ROOT / package).rglob("*.py"))
+        for found in _long_functions(path)
+    ]
+    assert long_functions == [], f"functions over {MAX_FUNCTION_LINES} lines"
+
+
+def test_the_size_check_sees_a_long_function(tmp_path: Path) -> None:
+    source = tmp_path / "long.py"
+    body = "".join(f"    x{i} = {i}\n" for i in range(MAX_FUNCTION_LINES))
+    source.write_text(f"def long():\n{body}")
+    assert _long_functions(source, tmp_path) == [f"long.py:1 long ({MAX_FUNCTION_LINES + 1})"]
