@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import mlflow
@@ -226,3 +227,31 @@ def test_missing_run_model_or_data_is_refused(search, client, tmp_path: Path) ->
 
     wrong_layer = fast(run_id=search.cnn_run_id, data=str(search.csv_path), layers="dense_9")
     _assert_refused(client, search.cnn_run_id, wrong_layer, "dense_9")
+
+
+def test_the_report_says_what_the_search_did_with_its_budget_and_why() -> None:
+    from viz.report import _search_sentence
+    from viz.search import SearchFacts
+
+    facts = SearchFacts(
+        parent_id="p1",
+        name="fer2013-search-1",
+        minutes=61.0,
+        budget_minutes=60.0,
+        statuses={"finished": 3, "over_budget": 1},
+        finals=3,
+        families=["cnn", "dnn"],
+        champion_run_id="e1",
+        champion_reason="",
+        seed2017=None,
+        strategy="exploit",
+        strategy_reason="one cnn-fast model takes 63.0 min of a slot; 0.95 per slot",
+    )
+
+    text = _search_sentence(facts)
+
+    assert "took 61 minutes of a 60-minute budget and tried 4 trials" in text
+    assert "it did not explore: it trained seeded copies of the best known config" in text
+    assert "Strategy exploit: one cnn-fast model takes 63.0 min of a slot" in text
+    explored = _search_sentence(replace(facts, strategy="explore"))
+    assert "continuing the best explored ones" in explored and "did not explore" not in explored

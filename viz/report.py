@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from schema.run import CHAMPION_ALIAS, MLFLOW_MODEL_NAME, REGISTERED_MODEL
+from schema.run import CHAMPION_ALIAS, MLFLOW_MODEL_NAME, REGISTERED_MODEL, STRATEGY_EXPLOIT
 from viz import sections
 from viz.blocks import Block, Heading, Para, Table, write_blocks
 from viz.facts import HELD_OUT_USAGE, ReportFacts, describe_champion, pct
@@ -119,11 +119,17 @@ def _search_sentence(search: SearchFacts) -> str:
         if search.finals
         else ""
     )
+    if search.strategy == STRATEGY_EXPLOIT:
+        finals = (
+            "; it did not explore: it trained seeded copies of the best known config on every row "
+            "for the whole budget"
+        )
     families = ", ".join(f.upper() for f in search.families) or "none"
+    why = f" Strategy {search.strategy}: {search.strategy_reason}." if search.strategy else ""
     return (
         f"**Search**: `{search.name}` took {took}{budget} and tried {search.trials} trials "
         f"({families}): {statuses or 'none'}{finals}. Refused trials were never started "
-        f"(too slow for the time left, or too big for a worker)."
+        f"(too slow for the time left, or too big for a worker).{why}"
     )
 
 

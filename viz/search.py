@@ -48,6 +48,8 @@ class SearchFacts:
     champion_reason: str
     seed2017: Anchor | None
     children: list[Run] = field(default_factory=list)  # every child run: trials, ensemble
+    strategy: str = ""  # explore / exploit / fixed ("" for a search from before strategies)
+    strategy_reason: str = ""  # the decision in words, with its numbers
 
     @property
     def trials(self) -> int:
@@ -98,6 +100,8 @@ def search_facts(client: MlflowClient, run: Run, children: list[Run]) -> SearchF
         champion_reason=tags.get(layout.TAG_CHAMPION_REASON, ""),
         seed2017=_anchor(trials, layout.PLAN_SEED2017),
         children=children,
+        strategy=parent.data.params.get(layout.PARAM_STRATEGY, ""),
+        strategy_reason=tags.get(layout.TAG_STRATEGY, ""),
     )
 
 
