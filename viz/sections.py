@@ -17,10 +17,10 @@ def champion(facts: ReportFacts) -> list[Block]:
         return [Heading("The model"), *model_blocks(model)]
     t = found.table
     rows = [
-        ["best single model", pct(t.get("best_single"))],
-        ["best single model + flip", pct(t.get("best_single_flip"))],
-        ["ensemble", pct(t.get("ensemble"))],
-        ["ensemble + flip", pct(t.get("ensemble_flip"))],
+        ["best single model", pct(t.best_single)],
+        ["best single model + flip", pct(t.best_single_flip)],
+        ["ensemble", pct(t.ensemble)],
+        ["ensemble + flip", pct(t.ensemble_flip)],
     ]
     members = [
         [m.name, m.family.upper(), f"{m.weight:.2f}", pct(m.report_accuracy), m.run_id[:8]]
