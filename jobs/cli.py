@@ -8,7 +8,7 @@ import re
 import sys
 from collections.abc import Callable
 
-from schema.cli import tf_log_level
+from schema.cli import import_tensorflow, quiet_environment
 
 # S3 retries for every boto3 client a job creates (MLflow's S3 artifact store, the S3 data
 # loader, `prepare --upload`): botocore's default of 3 attempts (older botocore: "legacy" mode,
@@ -24,7 +24,7 @@ def configure_s3_retries() -> None:
 
 
 def setup_logging() -> None:
-    os.environ["TF_CPP_MIN_LOG_LEVEL"] = tf_log_level()
+    quiet_environment()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     logging.basicConfig(
         level=os.environ.get("FER_LOG_LEVEL", "INFO"),
@@ -48,8 +48,10 @@ def tracking_error_line(error: Exception) -> str:
     return f"MLflow tracking store {redact_uri(mlflow.get_tracking_uri())}: {text}"
 
 
-def run_cli(work: Callable[[], int]) -> int:
-    """Run `work`; turn expected failures into one readable line on stderr and exit code 2."""
+def run_cli(work: Callable[[], int], tensorflow: bool = True) -> int:
+    """Run `work`; turn expected failures into one readable line on stderr and exit code 2.
+
+    `tensorflow`: `work` uses it, so it is imported first, without its load-time noise."""
     from mlflow.exceptions import MlflowException
 
     from jobs.tracking.queue import TrackingUnavailable
@@ -57,6 +59,8 @@ def run_cli(work: Callable[[], int]) -> int:
 
     setup_logging()
     configure_s3_retries()
+    if tensorflow:
+        import_tensorflow()
     try:
         return work()
     except (DataError, FileNotFoundError, ValueError, TrackingUnavailable) as error:

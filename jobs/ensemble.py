@@ -28,6 +28,8 @@ from model.ensemble import (
     with_flip,
 )
 from schema import run as layout
+from schema.ensemble import EnsembleConfig, EnsembleMember
+from schema.ensemble import ReportTable as LoggedTable
 
 log = logging.getLogger("jobs.search")
 
@@ -300,10 +302,9 @@ def _log_run(
             "predict_ms_per_image": 1000.0 * seconds_per_image,
             **{layout.MEMBER_REPORT_METRIC + name: v for name, v in table.members.items()},
         }
+        config = _config(found, choice, data_info, int(model.count_params()))
         params = {
-            "members": ",".join(found[m].name for m in chosen.members),
-            "weights": ",".join(f"{w:.4f}" for w in chosen.weights),
-            "flip": str(chosen.flip),
+            **config.params(),
             "best_single": found[choice.best_single].name,
             "select_rows": str(len(choice.halves.select)),
             "report_rows": str(len(choice.halves.report)),
@@ -315,8 +316,7 @@ def _log_run(
             metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()],
             params=[Param(k, v) for k, v in params.items()],
         )
-        config = _config_json(found, choice, data_info, int(model.count_params()))
-        layout.log_model_files(client, run_id, model_file, config)
+        layout.log_model_files(client, run_id, model_file, config.to_dict())
         model_uri = log_keras_model(run_id, model_file)
         client.set_tag(run_id, layout.TAG_MODEL_URI, model_uri)
         client.set_terminated(run_id, "FINISHED")
@@ -326,29 +326,23 @@ def _log_run(
     return run_id, model_uri
 
 
-def _config_json(
+def _config(
     found: list[Candidate], choice: Choice, data_info: dict[str, Any], param_count: int
-) -> dict[str, Any]:
+) -> EnsembleConfig:
     """The ensemble run's config.json: its members and weights, the data, the report table."""
     chosen, table = choice.chosen, choice.table
-    return {
-        "family": ROLE_ENSEMBLE,
-        "members": [
-            {
-                "run_id": found[m].run_id,
-                "name": found[m].name,
-                "family": found[m].family,
-                "weight": w,
-            }
+    return EnsembleConfig(
+        members=tuple(
+            EnsembleMember(found[m].run_id, found[m].name, found[m].family, float(w))
             for m, w in zip(chosen.members, chosen.weights, strict=True)
-        ],
-        "flip": chosen.flip,
-        "data": data_info,
-        "param_count": param_count,
-        "report_table": {
-            "best_single": table.best_single,
-            "best_single_flip": table.best_single_flip,
-            "ensemble": table.ensemble,
-            "ensemble_flip": table.ensemble_flip,
-        },
-    }
+        ),
+        flip=bool(chosen.flip),
+        report_table=LoggedTable(
+            best_single=float(table.best_single),
+            best_single_flip=float(table.best_single_flip),
+            ensemble=float(table.ensemble),
+            ensemble_flip=float(table.ensemble_flip),
+        ),
+        param_count=param_count,
+        data=data_info,
+    )

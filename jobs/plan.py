@@ -31,7 +31,7 @@ class TrainingConfig:
     max_epochs: int = 10
     seed: int = 2017
     lr_schedule: str = "constant"
-    # Decoupled weight decay of every optimizer; 0 for AdamW means ADAMW_DEFAULT_DECAY.
+    # Decoupled weight decay of every optimizer (0: none, AdamW included).
     weight_decay: float = 0.0
     label_smoothing: float = 0.0
     mixup: float = 0.0  # Beta(alpha, alpha) of mixup (Zhang et al. 2018); 0: off

@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(prepare(settings), indent=2))
         return 0
 
-    return run_cli(work)
+    return run_cli(work, tensorflow=False)
 
 
 if __name__ == "__main__":

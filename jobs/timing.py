@@ -80,11 +80,12 @@ def measure_reference(threads: int, start_at: float = 0.0) -> Calibration:
     model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
     x = images  # uint8, as trials feed them (the model casts on entry)
     warm = array_batches(x[:REFERENCE_BATCH], labels[:REFERENCE_BATCH], REFERENCE_BATCH)
-    model.fit(warm, epochs=1, verbose=0)
+    # shuffle=False: Keras cannot shuffle a tf.data.Dataset (it warns); `batches` has its seed
+    model.fit(warm, epochs=1, shuffle=False, verbose=0)
     batches = array_batches(x, labels, REFERENCE_BATCH, shuffle_seed=1)
     time.sleep(max(0.0, start_at - time.time()))
     started = time.perf_counter()
-    model.fit(batches, epochs=1, verbose=0)
+    model.fit(batches, epochs=1, shuffle=False, verbose=0)
     seconds = time.perf_counter() - started
     work = epoch_work(image_cost(model), REFERENCE_IMAGES, 0, REFERENCE_BATCH)
     del model, warm, batches

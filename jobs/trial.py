@@ -7,6 +7,7 @@ SQLite store free of lock contention and lets one place buffer while a server is
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from jobs.training import EpochLoop, TrainData, TrainingConfig
+from schema.cli import import_tensorflow
 
 WORKDIR_PREFIX = "fer-trial-"
 MIB = 1 << 20
@@ -187,6 +189,7 @@ def configure_backend(
             os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flags}".strip()
         return require_backend(backend)
     select_backend(backend)
+    import_tensorflow()  # a Ray worker's first import of it: without its load-time noise
     configure_tensorflow(cpus, gpu_memory_mb)
     return require_backend(backend)
 
@@ -229,6 +232,9 @@ def train_trial(config: dict[str, Any], data: dict[str, Any] | None = None) -> N
     """Tune trainable: trains the placed trial `plan_of(config)` (see jobs/plan.py)."""
     from ray import tune
 
+    # Ray logs every persisted checkpoint at INFO (two lines per epoch per trial on the
+    # console); the trial's own results say what was saved.
+    logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
     entered = time.perf_counter()
     trial = plan_of(config)
     resources = trial["resources"]

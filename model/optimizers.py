@@ -13,7 +13,6 @@ from typing import Any
 # RMSprop (momentum 0, not centred) one mean square.
 OPTIMIZER_SLOTS: dict[str, int] = {"adam": 2, "adamw": 2, "sgd": 1, "rmsprop": 1}
 OPTIMIZERS: tuple[str, ...] = tuple(OPTIMIZER_SLOTS)
-ADAMW_DEFAULT_DECAY = 1e-4  # AdamW's weight decay where none is configured
 SGD_MOMENTUM = 0.9
 
 
@@ -32,14 +31,16 @@ def slots_per_variable(name: str, accumulation_steps: int = 1) -> int:
 def build_optimizer(
     name: str, learning_rate: float, weight_decay: float = 0.0, accumulation_steps: int = 1
 ) -> Any:
-    """The Keras optimizer `name` stands for (SGD: Nesterov momentum 0.9)."""
+    """The Keras optimizer `name` stands for (SGD: Nesterov momentum 0.9), with decoupled
+    `weight_decay` (0: none, AdamW included)."""
     import keras
 
     kwargs: dict[str, Any] = {"learning_rate": learning_rate}
     if accumulation_steps > 1:
         kwargs["gradient_accumulation_steps"] = accumulation_steps
     if _check(name) == "adamw":
-        return keras.optimizers.AdamW(weight_decay=weight_decay or ADAMW_DEFAULT_DECAY, **kwargs)
+        # Keras's AdamW defaults to 0.004; 0 here means no decay, as for the others.
+        return keras.optimizers.AdamW(weight_decay=weight_decay, **kwargs)
     if weight_decay > 0:
         kwargs["weight_decay"] = weight_decay
     if name == "adam":

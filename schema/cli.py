@@ -1,5 +1,5 @@
-"""Settings dataclasses as argparse flags, and TensorFlow's log level: what the `jobs/` and
-`viz/` CLIs share, below both.
+"""Settings dataclasses as argparse flags, and a quiet console (TensorFlow's log level, its
+import without load-time noise): what the `jobs/` and `viz/` CLIs share, below both.
 
 One `--field-name` flag per dataclass field (`run_id` -> `--run-id`), typed and defaulted by the
 field's default, so MLproject parameters, the CLIs and the dataclasses cannot drift apart
@@ -9,7 +9,12 @@ field's default, so MLproject parameters, the CLIs and the dataclasses cannot dr
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import os
+import re
+import sys
+import tempfile
 from dataclasses import fields
 from pathlib import Path
 from typing import Any, TypeVar
@@ -69,3 +74,61 @@ def tf_log_level() -> str:
     the job; level 3 keeps those out. With a GPU, level 2 keeps TensorFlow's errors visible.
     """
     return os.environ.get("TF_CPP_MIN_LOG_LEVEL") or ("2" if has_local_gpu() else "3")
+
+
+def quiet_environment() -> None:
+    """What every process of a job sets before it imports TensorFlow or downloads artifacts:
+    TensorFlow's level (`tf_log_level`), and no MLflow progress bars (one per download, drawn
+    with carriage returns, they bury the job's own lines in a captured console; a value the
+    user set wins)."""
+    os.environ["TF_CPP_MIN_LOG_LEVEL"] = tf_log_level()
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
+# Lines TensorFlow's native libraries write to stderr while they load, whatever
+# TF_CPP_MIN_LOG_LEVEL says: absl writes every message logged before absl::InitializeLog() to
+# stderr (tensorflow/tensorflow#100442), so on a machine without a GPU each process prints the
+# CUDA stub's notice twice, and a CUDA wheel its duplicate plugin registrations. None of them
+# says anything about the job; every other line is passed on.
+TF_LOAD_NOISE = re.compile(
+    r"All log messages before absl::InitializeLog\(\) is called"
+    r"|cudart_stub\.cc:\d+\] Could not find cuda drivers"
+    r"|Unable to register cu(DNN|FFT|BLAS) factory"
+)
+
+
+def import_tensorflow() -> None:
+    """Import TensorFlow (when installed) at this machine's log level without its load-time
+    noise (`TF_LOAD_NOISE`); call before anything imports Keras on TensorFlow."""
+    quiet_environment()
+    if "tensorflow" in sys.modules:
+        return
+    try:
+        installed = importlib.util.find_spec("tensorflow") is not None
+    except ImportError:  # a Python that refuses the import (tests/no_tensorflow)
+        installed = False
+    if installed:
+        quiet_import("tensorflow", TF_LOAD_NOISE)
+
+
+def quiet_import(module: str, noise: re.Pattern[str]) -> None:
+    """Import `module` with file descriptor 2 captured: lines matching `noise` are dropped,
+    the rest written to stderr once the import returns (or fails)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            importlib.import_module(module)
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            kept = [
+                line
+                for line in captured.read().splitlines(keepends=True)
+                if not noise.search(line.decode(errors="replace"))
+            ]
+            if kept:
+                os.write(2, b"".join(kept))

@@ -87,9 +87,9 @@ TAG_CALIBRATION = "fer.calibration"
 TAG_TRIAL_ID = "ray.trial_id"
 TAG_BEST_RUN = "best_run_id"
 TAG_DATA_SHA = "fer.data_sha256"
-# The search's ensemble run (`fer.role` and `family` "ensemble"; its config.json lists
-# "members" with run_id, name, family, weight, and "flip" and "report_table"); each member's
-# accuracy on the report half is a metric under this prefix + the member's name.
+# The search's ensemble run (`fer.role` and `family` "ensemble"; its config.json is
+# schema/ensemble.py's `EnsembleConfig`); each member's accuracy on the report half is a
+# metric under this prefix + the member's name.
 ENSEMBLE = "ensemble"
 MEMBER_REPORT_METRIC = "member_val_report_accuracy."
 # Its members' run ids, and on the parent which model is champion.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ from jobs.search.summary import write_summary
 from jobs.settings import SearchSettings
 from model.ensemble import build_ensemble, greedy_selection, split_halves
 from schema import run as layout
+from schema.ensemble import EnsembleConfig, EnsembleMember, ReportTable
 
 CLASSES = 7
 
@@ -180,6 +182,14 @@ def test_ensemble_run_and_the_champion_rule_both_ways(tracking, tmp_path: Path) 
     files = layout.download_model_files(tracking, outcome.run_id, tmp_path / "ensemble")
     model = keras.saving.load_model(files["model"], safe_mode=True)
     assert model.output.shape[1:] == (CLASSES,)
+    # The logged config.json reads back through the one definition viz reads it with.
+    logged = EnsembleConfig.from_dict(json.loads(files["config"].read_text()))
+    assert [m.run_id for m in logged.members] == members
+    assert logged.data == data_info and logged.param_count == model.count_params()
+    assert logged.report_table.chosen(logged.flip) == pytest.approx(
+        outcome.choice.table.ensemble_flip if logged.flip else outcome.choice.table.ensemble
+    )
+    assert run.data.params["weights"] == ",".join(f"{m.weight:.4f}" for m in logged.members)
 
     settings = SearchSettings(data="fer.csv", register=True)
     for beats in (True, False):
@@ -209,3 +219,82 @@ def test_ensemble_run_and_the_champion_rule_both_ways(tracking, tmp_path: Path) 
         assert version.run_id == expected
         # The ensemble is not a trial: trials.csv and the budget count the three.
         assert len(summary.trials) == 3
+
+
+def an_ensemble_config() -> EnsembleConfig:
+    return EnsembleConfig(
+        members=(
+            EnsembleMember("run-a", "cnn-fast-final", "cnn", 0.7),
+            EnsembleMember("run-b", "dnn-matched", "dnn", 0.3),
+        ),
+        flip=True,
+        report_table=ReportTable(0.61, 0.62, 0.64, 0.655),
+        param_count=12345,
+        data={"source": "fer.csv", "data_fraction": 1.0},
+    )
+
+
+def test_ensemble_config_round_trips_through_the_logged_json_keys() -> None:
+    config = an_ensemble_config()
+    logged = json.loads(json.dumps(config.to_dict()))
+    # The keys existing stores hold (viz reads stores written before this class existed).
+    assert set(logged) == {"family", "members", "flip", "data", "param_count", "report_table"}
+    assert logged["family"] == "ensemble"
+    assert set(logged["members"][0]) == {"run_id", "name", "family", "weight"}
+    assert EnsembleConfig.from_dict(logged) == config
+    assert config.params() == {
+        "members": "cnn-fast-final,dnn-matched",
+        "weights": "0.7000,0.3000",
+        "flip": "True",
+    }
+    assert config.report_table.chosen(True) == 0.655 and config.report_table.chosen(False) == 0.64
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda d: d.update(family="cnn"), r"family: expected 'ensemble'"),
+        (lambda d: d.update(members=[]), r"members: expected a non-empty list"),
+        (lambda d: d["members"][1].pop("run_id"), r"members\[1\]\.run_id: expected a non-empty"),
+        (
+            lambda d: d["members"][0].update(weight="0.7"),
+            r"members\[0\]\.weight: expected a finite",
+        ),
+        (
+            lambda d: d["members"][0].update(weight=-1),
+            r"members\[0\]\.weight: expected a weight >= 0",
+        ),
+        (lambda d: d.update(flip="True"), r"flip: expected true or false"),
+        (lambda d: d["report_table"].pop("ensemble_flip"), r"report_table\.ensemble_flip"),
+        (lambda d: d.update(param_count=1.5), r"param_count: expected a positive integer"),
+    ],
+)
+def test_ensemble_config_names_the_bad_field(change, message: str) -> None:
+    logged = json.loads(json.dumps(an_ensemble_config().to_dict()))
+    change(logged)
+    with pytest.raises(ValueError, match=message):
+        EnsembleConfig.from_dict(logged, "run x: config.json")
+
+
+def test_viz_reads_the_ensemble_through_its_config() -> None:
+    from types import SimpleNamespace
+
+    from viz.champion import ensemble_facts
+
+    run = SimpleNamespace(
+        info=SimpleNamespace(run_id="run-e"),
+        data=SimpleNamespace(
+            metrics={layout.MEMBER_REPORT_METRIC + "cnn-fast-final": 0.6},
+            params={"report_rows": "9"},
+        ),
+    )
+    facts = ensemble_facts(run, an_ensemble_config().to_dict())
+    assert facts.table == an_ensemble_config().report_table and facts.flip
+    assert [(m.name, m.weight, m.report_accuracy) for m in facts.members] == [
+        ("cnn-fast-final", 0.7, 0.6),
+        ("dnn-matched", 0.3, None),
+    ]
+    broken = an_ensemble_config().to_dict()
+    broken["members"][0]["weight"] = None
+    with pytest.raises(ValueError, match=r"run run-e: config.json: members\[0\]\.weight"):
+        ensemble_facts(run, broken)

@@ -282,6 +282,28 @@ def test_trials_start_in_plan_order_on_a_local_ray(
     assert "TUNE_MAX_PENDING_TRIALS_PG" not in os.environ  # set for the search only
 
 
+def test_trial_slots_come_from_the_clusters_cpus(
+    ray_session: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from jobs.search.context import cluster_cpus, local_concurrency, slots
+
+    assert cluster_cpus() == 2.0  # init_ray(num_cpus=2)
+    assert (slots(1.0), slots(0.5), slots(0.7), slots(3.0)) == (2, 4, 2, 1)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert local_concurrency(1.0) == 2
+    monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")  # a cluster's autoscaler decides
+    assert local_concurrency(1.0) is None
+    # No other module of jobs/ asks Ray (or the OS) for a CPU count.
+    jobs = Path(__file__).resolve().parents[1] / "jobs"
+    asking = {
+        str(path.relative_to(jobs))
+        for path in jobs.rglob("*.py")
+        for call in ("cluster_resources(", "available_resources(", "cpu_count(")
+        if call in path.read_text()
+    }
+    assert asking == {"search/context.py"}
+
+
 def test_pending_trials_are_capped_only_for_a_local_search(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -254,3 +254,20 @@ def test_soft_labels_train_with_categorical_loss_and_a_stratified_row_share(
         TrainingConfig(label_smoothing=0.9)
     with pytest.raises(ValueError, match="train_fraction"):
         TrainingConfig(train_fraction=0.0)
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "weight_decay"), [("adamw", 0.0), ("adamw", 5e-4), ("adam", 0.0), ("sgd", 1e-4)]
+)
+def test_the_report_states_the_weight_decay_the_optimizer_applies(
+    optimizer: str, weight_decay: float
+) -> None:
+    """weight_decay=0 means no decay for every optimizer, AdamW included, and the report's
+    regularisation line says what the built optimizer applies."""
+    from model.optimizers import build_optimizer
+    from viz.recipe import regularisation_text
+
+    applied = build_optimizer(optimizer, 1e-3, weight_decay).weight_decay or 0.0
+    assert applied == pytest.approx(weight_decay)
+    text = regularisation_text({"optimizer": optimizer, "weight_decay": weight_decay}, {})
+    assert text == (f"weight decay {weight_decay:g}" if weight_decay else "none")

@@ -11,6 +11,7 @@ import viz_helpers as h
 from viz import confusion, curves, filters, saliency
 from viz.blocks import Figure, render_markdown
 from viz.facts import FilterSummary, ModelFacts, ReportFacts
+from viz.figure_names import FigureKind
 from viz.recipe import Phase, Recipe
 from viz.report import build_blocks, write_reports
 from viz.search import Anchor, seed2017_sentence
@@ -321,18 +322,17 @@ def test_report_renders_all_questions(tmp_path: Path) -> None:
     from viz.plotting import plt, save_figure
 
     names = {}
-    for key in (
-        "learning_curves",
-        "confusion_matrix",
-        "saliency",
-        "filters:conv_1",
-        "feature_maps:conv_1",
+    for kind, layer in (
+        (FigureKind.LEARNING_CURVES, ""),
+        (FigureKind.CONFUSION_MATRIX, ""),
+        (FigureKind.SALIENCY, ""),
+        (FigureKind.FILTERS, "conv_1"),
+        (FigureKind.FEATURE_MAPS, "conv_1"),
     ):
         fig, ax = plt.subplots(figsize=(2, 2))
         ax.plot([0, 1], [1, 0])
-        name = key.replace(":", "_") + ".png"
-        save_figure(fig, figures_dir / name)
-        names[key] = name
+        save_figure(fig, figures_dir / kind.file_name(layer))
+        names[kind.key(layer)] = kind.file_name(layer)
     phases = [
         Phase("explored", "e" * 32, "cnn-fast", 30, 0.25, 7177, "constant", 0.55),
         Phase("final", "r" * 32, "cnn-fast-final", 12, 1.0, 28709, "cosine", 0.5),
@@ -419,3 +419,14 @@ def test_seed2017_sentence_says_what_happened() -> None:
     text = seed2017_sentence(_anchor(status="does_not_fit", refusal=refusal), None)
     assert "was not started" in text and refusal in text
     assert "was not part of this search" in seed2017_sentence(None, None)
+
+
+def test_figure_names_per_layer_and_not() -> None:
+    assert FigureKind.SALIENCY.key() == "saliency"
+    assert FigureKind.SALIENCY.file_name() == "saliency.png"
+    assert FigureKind.FILTERS.key("block/conv") == "filters:block/conv"
+    assert FigureKind.FILTERS.file_name("block/conv") == "filters_block_conv.png"
+    with pytest.raises(ValueError, match="figure filters: expected a layer name"):
+        FigureKind.FILTERS.key()
+    with pytest.raises(ValueError, match="figure saliency: expected no layer"):
+        FigureKind.SALIENCY.file_name("conv_1")

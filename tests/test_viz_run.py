@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from schema.run import (
     TAG_ROLE,
     log_model_files,
 )
+from viz.figure_names import FigureKind
 from viz.main import main, run_viz
 from viz.runs import VizError, select_run_id
 from viz.settings import VizSettings
@@ -84,6 +86,17 @@ def test_end_to_end_auto_run_logs_figures_and_report(
     assert "differs from the recorded" not in report
     html = (out / "report.html").read_text()
     assert html.count('src="data:image/png;base64,') == 8
+    # The report links exactly the figures the run wrote, each named by FigureKind.
+    linked = set(re.findall(r"\]\((figures/[^)]+)\)", report))
+    written = {f"figures/{p.name}" for p in (out / "figures").iterdir()}
+    assert linked == written
+    named = {f"figures/{k.file_name()}" for k in FigureKind if not k.per_layer} | {
+        f"figures/{k.file_name(layer)}"
+        for k in FigureKind
+        if k.per_layer
+        for layer in ("conv_1", "conv_2")
+    }
+    assert written == named
 
 
 def test_cli_on_dnn_run_uses_recorded_source_and_skips_gradcam(

@@ -8,7 +8,8 @@ from typing import Any
 
 from mlflow.entities import Run
 
-from schema.run import ENSEMBLE, MEMBER_REPORT_METRIC
+from schema.ensemble import EnsembleConfig, ReportTable
+from schema.run import MEMBER_REPORT_METRIC
 
 
 @dataclass(frozen=True)
@@ -27,7 +28,7 @@ class EnsembleFacts:
 
     members: list[Member]
     flip: bool
-    table: dict[str, float]  # best_single, best_single_flip, ensemble, ensemble_flip
+    table: ReportTable
     report_rows: int
     filters_member: Member | None = None
     notes: list[str] = field(default_factory=list)
@@ -38,30 +39,20 @@ class EnsembleFacts:
         return max(cnns, key=lambda m: m.report_accuracy or 0.0) if cnns else None
 
 
-def is_ensemble(config: dict[str, Any]) -> bool:
-    return config.get("family") == ENSEMBLE
-
-
 def ensemble_facts(run: Run, config: dict[str, Any]) -> EnsembleFacts:
     """The facts of an ensemble run, from its config.json and metrics."""
-    where = f"run {run.info.run_id}: config.json"
-    try:
-        members = [
-            Member(
-                run_id=str(m["run_id"]),
-                name=str(m["name"]),
-                family=str(m["family"]),
-                weight=float(m["weight"]),
-                report_accuracy=run.data.metrics.get(MEMBER_REPORT_METRIC + str(m["name"])),
-            )
-            for m in config["members"]
-        ]
-        table = {k: float(v) for k, v in config["report_table"].items()}
-        flip = bool(config["flip"])
-    except (KeyError, TypeError, ValueError) as error:
-        raise ValueError(
-            f"{where}: expected 'members' (run_id, name, family, weight), 'flip' and "
-            f"'report_table' for an ensemble ({type(error).__name__}: {error})"
-        ) from error
+    logged = EnsembleConfig.from_dict(config, f"run {run.info.run_id}: config.json")
+    members = [
+        Member(
+            run_id=m.run_id,
+            name=m.name,
+            family=m.family,
+            weight=m.weight,
+            report_accuracy=run.data.metrics.get(MEMBER_REPORT_METRIC + m.name),
+        )
+        for m in logged.members
+    ]
     rows = int(float(run.data.params.get("report_rows", 0) or 0))
-    return EnsembleFacts(members=members, flip=flip, table=table, report_rows=rows)
+    return EnsembleFacts(
+        members=members, flip=logged.flip, table=logged.report_table, report_rows=rows
+    )

@@ -82,7 +82,7 @@ class ReportFacts:
     filters: list[FilterSummary]
     ascent_steps: int
     feature_map_caption: str
-    figures: dict[str, str]  # key -> file name under figures/
+    figures: dict[str, str]  # FigureKind.key() -> its file name under figures/
     timings: dict[str, float] = field(default_factory=dict)
     # What the search said of coursework models its budget could not train (fer.coursework_note)
     coursework_notes: list[str] = field(default_factory=list)

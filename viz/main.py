@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import shutil
 import sys
 import tempfile
@@ -24,9 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from schema.cli import tf_log_level  # imports neither TensorFlow nor Keras
+from schema.cli import import_tensorflow  # imports nothing of the project
 
-os.environ["TF_CPP_MIN_LOG_LEVEL"] = tf_log_level()
+import_tensorflow()  # before the viz modules import Keras: without its load-time noise
 
 import numpy as np  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
@@ -13,9 +12,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 DPI = 100
-_UNSAFE = re.compile(r"[^A-Za-z0-9_.\-]")
 
-__all__ = ["DPI", "grid_figure", "plt", "safe_name", "save_figure", "side_colourbar"]
+__all__ = ["DPI", "grid_figure", "plt", "save_figure", "side_colourbar"]
 
 
 def save_figure(fig: Any, path: str | Path) -> Path:
@@ -25,11 +23,6 @@ def save_figure(fig: Any, path: str | Path) -> Path:
     fig.savefig(path, dpi=DPI, facecolor="white")
     plt.close(fig)
     return path
-
-
-def safe_name(name: str) -> str:
-    """A layer name usable in a file name (Keras allows '/' in names)."""
-    return _UNSAFE.sub("_", name)
 
 
 def grid_figure(

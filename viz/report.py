@@ -68,8 +68,7 @@ def _summary(facts: ReportFacts, is_champion: bool) -> list[Block]:
         )
     )
     if facts.ensemble is not None:
-        table = facts.ensemble.table
-        chosen = table.get("ensemble_flip" if facts.ensemble.flip else "ensemble")
+        chosen = facts.ensemble.table.chosen(facts.ensemble.flip)
         accuracy += (
             f"; {pct(chosen)} on the report half ({facts.ensemble.report_rows:,} of them, "
             f"which took no part in choosing the ensemble)"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from viz.blocks import Block, Figure, Heading, Para, Table, Warn
 from viz.facts import ModelFacts, ReportFacts, count, pct
+from viz.figure_names import FigureKind
 
 
 def champion(facts: ReportFacts) -> list[Block]:
@@ -17,10 +18,10 @@ def champion(facts: ReportFacts) -> list[Block]:
         return [Heading("The model"), *model_blocks(model)]
     t = found.table
     rows = [
-        ["best single model", pct(t.get("best_single"))],
-        ["best single model + flip", pct(t.get("best_single_flip"))],
-        ["ensemble", pct(t.get("ensemble"))],
-        ["ensemble + flip", pct(t.get("ensemble_flip"))],
+        ["best single model", pct(t.best_single)],
+        ["best single model + flip", pct(t.best_single_flip)],
+        ["ensemble", pct(t.ensemble)],
+        ["ensemble + flip", pct(t.ensemble_flip)],
     ]
     members = [
         [m.name, m.family.upper(), f"{m.weight:.2f}", pct(m.report_accuracy), m.run_id[:8]]
@@ -163,10 +164,10 @@ def question_2(facts: ReportFacts) -> list[Block]:
         *[Warn(note) for note in facts.coursework_notes],
         Table(["family", "run", "best val accuracy", "parameters"], rows),
     ]
-    if "learning_curves" in facts.figures:
+    if FigureKind.LEARNING_CURVES.key() in facts.figures:
         blocks.append(
             Figure(
-                facts.figures["learning_curves"],
+                facts.figures[FigureKind.LEARNING_CURVES.key()],
                 "Accuracy per epoch (training and validation). A final trial's curve starts "
                 "with the epochs of the explored trial it continued; the dotted line marks "
                 "where its epochs on every row begin.",
@@ -196,7 +197,10 @@ def question_3(facts: ReportFacts) -> list[Block]:
             ],
         ),
         Para(f"Per-class recall: {recall}."),
-        Figure(facts.figures["confusion_matrix"], "Confusion matrix: counts and row-normalised."),
+        Figure(
+            facts.figures[FigureKind.CONFUSION_MATRIX.key()],
+            "Confusion matrix: counts and row-normalised.",
+        ),
     ]
 
 
@@ -228,7 +232,7 @@ def question_4(facts: ReportFacts) -> list[Block]:
             f"prediction ({facts.saliency_examples} images): vanilla gradient, SmoothGrad and "
             f"{gradcam}. Maps explain the predicted class (softmax replaced by linear)."
         ),
-        Figure(facts.figures["saliency"], "Saliency overlays per class."),
+        Figure(facts.figures[FigureKind.SALIENCY.key()], "Saliency overlays per class."),
         Para(
             "Sanity check (Adebayo et al. 2018): the same maps after re-initialising every "
             "weight. Mean Spearman rank correlation, trained vs randomised: "
@@ -242,8 +246,12 @@ def question_4(facts: ReportFacts) -> list[Block]:
         blocks.append(
             Para("No method exceeds the threshold: the maps depend on the learnt weights.")
         )
-    if "saliency_sanity" in facts.figures:
-        blocks.append(Figure(facts.figures["saliency_sanity"], "Trained vs randomised weights."))
+    if FigureKind.SALIENCY_SANITY.key() in facts.figures:
+        blocks.append(
+            Figure(
+                facts.figures[FigureKind.SALIENCY_SANITY.key()], "Trained vs randomised weights."
+            )
+        )
     return blocks
 
 
@@ -283,11 +291,15 @@ def question_5(facts: ReportFacts) -> list[Block]:
     )
     for summary in facts.filters:
         blocks.append(
-            Figure(facts.figures[f"filters:{summary.layer}"], f"{summary.layer}: ascent images.")
+            Figure(
+                facts.figures[FigureKind.FILTERS.key(summary.layer)],
+                f"{summary.layer}: ascent images.",
+            )
         )
         blocks.append(
             Figure(
-                facts.figures[f"feature_maps:{summary.layer}"], f"{summary.layer}: feature maps."
+                facts.figures[FigureKind.FEATURE_MAPS.key(summary.layer)],
+                f"{summary.layer}: feature maps.",
             )
         )
     return blocks

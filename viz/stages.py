@@ -17,7 +17,7 @@ from mlflow.tracking import MlflowClient
 from viz import confusion, curves, filters, saliency
 from viz.blocks import FIGURES_DIR
 from viz.facts import HELD_OUT_USAGE, FilterSummary, HeldOut
-from viz.plotting import safe_name
+from viz.figure_names import FigureKind
 from viz.runs import NUM_CLASSES, SplitData, VizError, rebuild_split
 from viz.settings import VizSettings
 from viz.subject import Subject
@@ -38,8 +38,10 @@ class Figures:
         directory.mkdir(parents=True)
         return cls(directory)
 
-    def path(self, key: str, name: str) -> Path:
-        self.names[key] = name
+    def path(self, kind: FigureKind, layer: str = "") -> Path:
+        """Where to write a figure of `kind` (of `layer`, for a per-layer kind); recorded."""
+        name = kind.file_name(layer)
+        self.names[kind.key(layer)] = name
         return self.directory / name
 
 
@@ -101,7 +103,7 @@ def learning_curves(
     if drawn:
         curves.plot_learning_curves(
             drawn,
-            figures.path("learning_curves", "learning_curves.png"),
+            figures.path(FigureKind.LEARNING_CURVES),
             "Best CNN and DNN of the search: accuracy per epoch",
         )
     return family_best
@@ -121,7 +123,7 @@ def predict_and_confusion(
     confusion.plot_confusion(
         counts,
         subject.class_names,
-        figures.path("confusion_matrix", "confusion_matrix.png"),
+        figures.path(FigureKind.CONFUSION_MATRIX),
         f"Run {subject.run_id[:8]} on {split.usage}",
     )
     recall = confusion.row_normalise(counts).diagonal()
@@ -164,14 +166,14 @@ def saliency_and_sanity(
         examples,
         maps,
         subject.class_names,
-        figures.path("saliency", "saliency.png"),
+        figures.path(FigureKind.SALIENCY),
         f"{shown}: saliency of the predicted class",
     )
     saliency.plot_sanity(
         images,
         maps,
         check,
-        figures.path("saliency_sanity", "saliency_sanity.png"),
+        figures.path(FigureKind.SALIENCY_SANITY),
         "Sanity check: trained vs randomised weights",
     )
     for warning in check.warnings():
@@ -237,7 +239,7 @@ def filter_figures(
 ) -> list[FilterSummary]:
     summaries = []
     for layer in subject.layers:
-        ascent, indices, name = ascents[layer], selection[layer], safe_name(layer)
+        ascent, indices = ascents[layer], selection[layer]
         measured = (
             ""
             if ascent.activation_layer == layer
@@ -245,7 +247,7 @@ def filter_figures(
         )
         filters.plot_filter_ascent(
             ascent,
-            figures.path(f"filters:{layer}", f"filters_{name}.png"),
+            figures.path(FigureKind.FILTERS, layer),
             f"{layer}: images maximising each filter's mean activation{measured}",
         )
         maps_k = filters.feature_maps(subject.focus.model, layer, feature.image, indices)
@@ -253,7 +255,7 @@ def filter_figures(
             feature.image,
             maps_k,
             indices,
-            figures.path(f"feature_maps:{layer}", f"feature_maps_{name}.png"),
+            figures.path(FigureKind.FEATURE_MAPS, layer),
             f"{layer}: feature maps",
             feature.short,
         )

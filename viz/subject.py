@@ -15,9 +15,10 @@ from typing import Any
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
+from schema.ensemble import is_ensemble
 from schema.run import TAG_FAMILY
 from viz import curves, filters
-from viz.champion import EnsembleFacts, ensemble_facts, is_ensemble
+from viz.champion import EnsembleFacts, ensemble_facts
 from viz.facts import ModelFacts
 from viz.recipe import recipe_of
 from viz.runs import (

@@ -147,12 +147,16 @@ def init_ray(num_cpus: int | None = None, backend: str = "tensorflow") -> None:
             )
 
 
-def slots(cpus_per_trial: float) -> int:
-    """How many trials run at once on the cluster's CPUs."""
+def cluster_cpus() -> float:
+    """The CPUs of the running Ray cluster (all nodes; the one place the search asks Ray)."""
     import ray
 
-    cpus = float(ray.cluster_resources().get("CPU", 1.0))
-    return max(1, int(cpus // max(cpus_per_trial, 1e-9)))
+    return float(ray.cluster_resources().get("CPU", 1.0))
+
+
+def slots(cpus_per_trial: float) -> int:
+    """How many trials run at once on the cluster's CPUs."""
+    return max(1, int(cluster_cpus() // max(cpus_per_trial, 1e-9)))
 
 
 def local_concurrency(cpus_per_trial: float) -> int | None:
