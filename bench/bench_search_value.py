@@ -138,17 +138,18 @@ def run_search_arm(settings: Any, uri: str, dst: Path) -> dict[str, Any]:
 
     from bench.bench_budget import summarise
     from jobs.search import run_search
+    from schema import run as layout
 
     result = run_search(settings)
     client = MlflowClient(uri)
     summary = summarise(uri, settings.name)
     probabilities, labels, members = champion_predictions(client, result.parent_run_id, dst)
     tags = client.get_run(result.parent_run_id).data.tags
-    from schema import run as layout
+    started = summary.get("budget_trials_started")  # a metric: a float
 
     return {
         "reference_images_per_second": summary.get("reference_images_per_second"),
-        "trials": summary.get("budget_trials_started"),
+        "trials": None if started is None else int(started),
         "minutes": round(result.wall_seconds / 60, 2),
         "members": members,
         "champion": tags.get(layout.TAG_CHAMPION),

@@ -84,6 +84,43 @@ def test_an_ensemble_champion_is_scored_as_the_search_states_it_and_gains_are_po
     assert value.gain_points(None, 0.64) is None
 
 
+def test_the_champion_scored_is_the_registered_one_ensemble_or_single(
+    tmp_path: Path, monkeypatch: Any
+) -> None:
+    from schema import run as layout
+
+    labels = np.repeat(np.arange(CLASSES), 4)
+    logged = {
+        "a": _predictions(labels, labels % 2 == 0, labels < 6),
+        "b": _predictions(labels, labels < 3, labels > 0),
+    }
+    monkeypatch.setattr(layout, "download_predictions", lambda client, run_id, dst: logged[run_id])
+    runs = {
+        "parent": SimpleNamespace(tags={}, params={}),
+        "ens": SimpleNamespace(
+            tags={layout.TAG_MEMBERS: "a,b"},
+            params={"weights": "0.7500,0.2500", "flip": "True", "members": "cnn-fast,cnn-002"},
+        ),
+        "a": SimpleNamespace(tags={}, params={}),
+    }
+    client = SimpleNamespace(
+        get_run=lambda run_id: SimpleNamespace(
+            data=runs[run_id], info=SimpleNamespace(run_name=f"run-{run_id}")
+        )
+    )
+    assert value.champion_predictions(client, "parent", tmp_path) == (None, None, [])
+    runs["parent"].tags = {layout.TAG_CHAMPION: layout.ENSEMBLE, layout.TAG_CHAMPION_RUN: "ens"}
+    probabilities, found, members = value.champion_predictions(client, "parent", tmp_path)
+    expected = value.combine_members([logged["a"], logged["b"]], [0.75, 0.25], flip=True)
+    np.testing.assert_allclose(probabilities, expected)
+    assert members == ["cnn-fast", "cnn-002"] and np.array_equal(found, labels)
+    # A single champion is served as registered: no flip averaging.
+    runs["parent"].tags = {layout.TAG_CHAMPION: "single", layout.TAG_CHAMPION_RUN: "a"}
+    probabilities, _, members = value.champion_predictions(client, "parent", tmp_path)
+    np.testing.assert_array_equal(probabilities, logged["a"].probabilities)
+    assert members == ["run-a"]
+
+
 def test_the_baseline_trains_the_known_good_cnn_by_its_recipe_on_a_cosine() -> None:
     from jobs.space import FAST_CNN, KNOWN_GOOD_CNN
     from jobs.train import resolve_model_config
