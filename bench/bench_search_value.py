@@ -325,6 +325,12 @@ def details(results: dict[str, Any], fmt: Callable[[Any], str]) -> list[str]:
             f"- search value, {regime} ({fmt(found.get('minutes_budget'))} min, "
             f"{fmt(found.get('train_fraction'))} of the training rows), report half of "
             f"PublicTest ({found['baseline'].get('report_rows')} rows): {described}."
+            + (
+                f" The second search's parent run on reused trials: "
+                f"{found['second_search'].get('reused_trials') or 'nothing logged'}."
+                if "second_search" in found
+                else ""
+            )
         )
     if results.get("search_value_errors"):
         lines.append(f"- search value failed in: {results['search_value_errors']}.")

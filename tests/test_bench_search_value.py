@@ -175,6 +175,14 @@ def test_run_all_runs_the_search_value_arm_only_with_the_budget_flag(
         "search_gain_points_hour": -0.5,
         "search_gain_points_large": 2.5,
         "warm_start_gain_points": 0.3,
+        "search_value_hour": {
+            "minutes_budget": 60.0,
+            "train_fraction": 1.0,
+            "baseline": {"report_accuracy": 0.645, "trials": 2, "members": ["a", "b"]}
+            | {"minutes": 58.5, "reference_images_per_second": 310.0, "report_rows": 1795},
+            "search": {"report_accuracy": 0.64, "trials": 9, "members": ["ensemble-of-3"]}
+            | {"minutes": 57.0, "reference_images_per_second": 305.0},
+        },
     }
     monkeypatch.setattr(value, "run", lambda data: ran.append("value") or dict(figures))
     monkeypatch.setattr(bench_budget, "run", lambda data: ran.append("budget") or {})
@@ -185,6 +193,9 @@ def test_run_all_runs_the_search_value_arm_only_with_the_budget_flag(
     table = run_all.table(results)
     assert "| `search_gain_points_hour` |" in table and "**no**" in table
     assert "| `search_gain_points_large` |" in table and "| `warm_start_gain_points` |" in table
+    described = run_all.details(results)
+    assert "by hand: 0.645 with 2 trials in 58.5 min" in described
+    assert "search: 0.64 with 9 trials in 57 min (members ensemble-of-3" in described
     # Not re-run: the stored figures come back.
     assert run_all.run_all("data.csv", False, ["load-not-run"])["search_gain_points_large"] == 2.5
     with pytest.raises(SystemExit):
