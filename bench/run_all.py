@@ -61,6 +61,21 @@ GOALS: dict[str, tuple[str, float, str]] = {
         1.5,
         "that search's ensemble + flip minus its best single model, report half, points",
     ),
+    "search_gain_points_large": (
+        ">=",
+        2.0,
+        "search champion minus the known-good CNN by hand, 10 % of rows, 20 min, points",
+    ),
+    "search_gain_points_hour": (
+        ">=",
+        0.0,
+        "search champion minus the known-good CNN by hand, every row, 60 min, points",
+    ),
+    "warm_start_gain_points": (
+        ">=",
+        0.0,
+        "second search in the same store minus the first, 10 % of rows, 20 min, points",
+    ),
 }
 # The budget search's keys, stored apart (budget_search.json) with its date and commit.
 BUDGET_KEYS = (
@@ -70,6 +85,11 @@ BUDGET_KEYS = (
     "reference_images_per_second",
     "ensemble",
 )
+# The search-value benchmark's keys (bench/bench_search_value.py), stored apart the same way.
+SEARCH_VALUE_KEYS = ("search_gain_points", "search_value", "warm_start")
+STORED_FILES = {"budget": "budget_search.json", "search-value": "search_value.json"}
+# Run only with --with-budget: hours each.
+WITH_BUDGET = ("budget", "search-value")
 
 
 def machine() -> str:
@@ -106,7 +126,14 @@ def _step(name: str, results: dict[str, Any], errors: dict[str, str], work: Any)
 
 
 def run_all(data: str, with_budget: bool, only: list[str] | None) -> dict[str, Any]:
-    from bench import bench_budget, bench_kerastuner, bench_load, bench_memory, bench_search
+    from bench import (
+        bench_budget,
+        bench_kerastuner,
+        bench_load,
+        bench_memory,
+        bench_search,
+        bench_search_value,
+    )
 
     results: dict[str, Any] = {}
     errors: dict[str, str] = {}
@@ -125,17 +152,14 @@ def run_all(data: str, with_budget: bool, only: list[str] | None) -> dict[str, A
             continue
         _step(name, results, errors, work)
         ran.append(name)
-    budget_file = RESULTS / "budget_search.json"
-    if with_budget:
+    if with_budget and (not only or "budget" in only):
         _step("budget", results, errors, lambda: bench_budget.run(data))
         ran.append("budget")
-    if "budget" not in errors and "budget_search_best_val_accuracy" in results:
-        budget_file.write_text(
-            json.dumps({k: v for k, v in results.items() if k.startswith(BUDGET_KEYS)}, indent=2)
-        )
-    elif budget_file.exists():
-        # Not re-run, or the re-run failed: keep the last good run (its date and commit show).
-        results.update(json.loads(budget_file.read_text()))
+    if with_budget and (not only or "search-value" in only):
+        _step("search-value", results, errors, lambda: bench_search_value.run(data))
+        ran.append("search-value")
+    _keep_stored(results, errors, "budget", "budget_search_best_val_accuracy", BUDGET_KEYS)
+    _keep_stored(results, errors, "search-value", "search_value_run_date", SEARCH_VALUE_KEYS)
     commit = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
     ).stdout.strip()
@@ -149,6 +173,21 @@ def run_all(data: str, with_budget: bool, only: list[str] | None) -> dict[str, A
         "ran": [name for name in ran if name not in errors],
     }
     return results
+
+
+def _keep_stored(
+    results: dict[str, Any], errors: dict[str, str], name: str, marker: str, keys: tuple[str, ...]
+) -> None:
+    """A benchmark stored apart (`bench/results/<name>.json`, with its date and commit): save
+    this run's figures, or, where it was not re-run or failed, merge in the last good ones."""
+    stored = RESULTS / STORED_FILES[name]
+    if name not in errors and marker in results:
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        stored.write_text(
+            json.dumps({k: v for k, v in results.items() if k.startswith(keys)}, indent=2)
+        )
+    elif stored.exists():
+        results.update(json.loads(stored.read_text()))
 
 
 def record_sources(meta: dict[str, Any], previous: dict[str, Any] | None = None) -> None:
@@ -201,6 +240,8 @@ def _fmt(value: Any, digits: int = 3) -> str:
 
 def details(results: dict[str, Any]) -> str:
     """What stands behind each headline figure: baselines, both sides of each ratio, rows."""
+    from bench import bench_search_value
+
     lines: list[str] = []
     if "load_pandas_baseline_s" in results:
         lines.append(
@@ -285,6 +326,7 @@ def details(results: dict[str, Any]) -> str:
             f"{_fmt(results.get('ensemble_predict_ms_per_image'))} ms per image; champion: "
             f"{results.get('ensemble_champion')}."
         )
+    lines += bench_search_value.details(results, _fmt)
     rows = results.get("memory_estimate_rows")
     if rows:
         lines += [
@@ -315,6 +357,12 @@ def _merged_note(meta: dict[str, Any], results: dict[str, Any]) -> str:
             "date": results["budget_run_date"],
             "commit": results.get("budget_commit"),
             "command": "make bench ARGS='--with-budget'",
+        }
+    if "search-value" not in sources and "search_value_run_date" in results:
+        sources["search-value"] = {
+            "date": results["search_value_run_date"],
+            "commit": results.get("search_value_commit"),
+            "command": "make bench ARGS='--with-budget --only search-value'",
         }
     if sources and set(sources) != set(meta.get("ran", [])):
         by_run: dict[tuple[Any, ...], list[str]] = {}
@@ -363,7 +411,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--with-budget", action="store_true", help="also re-run the 60-minute budget search"
     )
-    parser.add_argument("--only", help="comma list of: load,memory,search,viz,kerastuner")
+    parser.add_argument(
+        "--only",
+        help="comma list of: load,memory,search,viz,kerastuner (and, with --with-budget, "
+        "budget,search-value)",
+    )
     parser.add_argument(
         "--regenerate",
         action="store_true",
@@ -378,6 +430,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.data:
         parser.error("--data or FER2013_PATH is required (the benchmarks use the real data)")
     only = args.only.split(",") if args.only else None
+    if only and not args.with_budget and set(only) & set(WITH_BUDGET):
+        parser.error(f"--only {args.only}: {', '.join(WITH_BUDGET)} run only with --with-budget")
     results = run_all(args.data, args.with_budget, only)
     flags = (["--with-budget"] if args.with_budget else []) + (
         [f"--only {args.only}"] if only else []
