@@ -14,7 +14,6 @@ as a trial's). The baseline's probabilities: the mean of the copies' flip-averag
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import statistics
@@ -33,13 +32,12 @@ BASELINE_MAX_EPOCHS = 500
 RESULT_PREFIX = "RESULT "
 
 
-def baseline_settings(data: str, seed: int) -> Any:
+def baseline_settings(data: str, seed: int, time_budget_min: float = 0.0) -> Any:
     """The `train` entry point's settings for the known-good CNN with its own training recipe
     (a cosine in place of its explored constant rate); a ValueError where the recipe needs a
     field the entry point lacks."""
     from jobs.settings import TrainSettings
-    from jobs.space import FAST_CNN, KNOWN_GOOD_CNN
-    from model.configs import config_to_dict
+    from jobs.space import KNOWN_GOOD_CNN
 
     recipe = {k.split(".", 1)[1]: v for k, v in KNOWN_GOOD_CNN.items() if k.startswith("training.")}
     for field in ("weight_decay", "label_smoothing", "mixup"):
@@ -51,14 +49,14 @@ def baseline_settings(data: str, seed: int) -> Any:
     return TrainSettings(
         data=data,
         family="cnn",
-        preset="",
-        config=json.dumps(config_to_dict(FAST_CNN)),
+        preset="cnn-fast",
         epochs=BASELINE_MAX_EPOCHS,
         batch_size=int(recipe["batch_size"]),
         learning_rate=float(recipe["learning_rate"]),
         optimizer=str(recipe["optimizer"]),
         seed=seed,
         lr_schedule="cosine",
+        time_budget_min=time_budget_min,
     )
 
 
@@ -88,18 +86,14 @@ def _worker(args: argparse.Namespace) -> None:
     from jobs.timing import measure_reference
 
     reference = measure_reference(args.threads)  # sets the thread pools, as a trial's would
-    import jobs.training
     from jobs.proposals import SETUP_SECONDS
     from jobs.search.final import FINAL_FILL
     from jobs.train import train
 
-    # `train` has no time-budget setting: its TrainingConfig gets the budget the search's
-    # finals use (what is left, less their margins), so the cosine ends with the budget.
+    # The budget the search's finals get (what is left, less their margins): the cosine ends
+    # with it.
     budget_s = max(1.0, (args.deadline - time.time()) * FINAL_FILL - SETUP_SECONDS)
-    jobs.training.TrainingConfig = functools.partial(  # type: ignore[misc]
-        jobs.training.TrainingConfig, time_budget_s=budget_s
-    )
-    result = train(baseline_settings(args.data, args.seed))
+    result = train(baseline_settings(args.data, args.seed, budget_s / 60))
     record = {
         **result,
         "seed": args.seed,

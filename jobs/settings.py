@@ -107,6 +107,9 @@ class TrainSettings:
     data_fraction: float = 1.0
     seed: int = 2017
     lr_schedule: str = "constant"  # or "cosine" (a half cosine over the epochs)
+    # Minutes of training (0: no limit): the run plans its epochs on its measured epoch time,
+    # at most `epochs`, so a cosine ends with the budget.
+    time_budget_min: float = 0.0
     precision: str = "auto"  # mixed on a GPU, float32 on a CPU (model/precision.py)
     backend: str = "tensorflow"  # the Keras backend this run trains on: tensorflow or jax
 
@@ -114,6 +117,8 @@ class TrainSettings:
         from model.backend import check_backend
 
         check_backend(self.backend)
+        if self.time_budget_min < 0:
+            raise ValueError(f"time_budget_min: expected >= 0, got {self.time_budget_min}")
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
 python -m jobs.train --family cnn --preset seed2017 --epochs 10 --data fer2013.csv.gz
 python -m jobs.train --family dnn --preset "" --config '{"hidden_units": [512, 256]}'
+python -m jobs.train --preset cnn-fast --epochs 100 --time-budget-min 50 --lr-schedule cosine
 """
 
 from __future__ import annotations
@@ -18,12 +19,13 @@ from jobs.settings import TrainSettings, add_arguments, from_namespace
 
 def preset_configs() -> dict[str, Any]:
     """Named starting points for `--preset` (model configs)."""
-    from jobs.space import matched_dnn
+    from jobs.space import FAST_CNN, matched_dnn
     from model.cnn import SEED2017, CNNConfig
     from model.dnn import DNNConfig
 
     return {
         "seed2017": SEED2017,
+        "cnn-fast": FAST_CNN,  # the known-good CNN the search starts from
         "dnn-matched": matched_dnn(),
         "cnn-default": CNNConfig(),
         "dnn-default": DNNConfig(),
@@ -67,6 +69,7 @@ def training_config(settings: TrainSettings) -> Any:
         seed=settings.seed,
         lr_schedule=settings.lr_schedule,
         precision=settings.precision,
+        time_budget_s=settings.time_budget_min * 60,
     )
 
 

@@ -101,3 +101,17 @@ def test_conda_env_uses_the_same_pins_as_requirements() -> None:
     assert sorted(pip_section) == sorted(pins)
     assert all("==" in pin for pin in pins), "every runtime requirement is pinned"
     assert mlproject()["conda_env"] == "conda.yaml"
+
+
+def test_a_single_training_run_can_be_time_boxed_and_start_from_the_known_good_cnn() -> None:
+    from jobs.settings import TrainSettings
+    from jobs.space import FAST_CNN
+    from jobs.train import resolve_model_config, training_config
+
+    settings = TrainSettings(preset="cnn-fast", time_budget_min=2.5, lr_schedule="cosine")
+
+    assert training_config(settings).time_budget_s == 150.0
+    assert training_config(TrainSettings()).time_budget_s == 0.0  # no limit by default
+    assert resolve_model_config("cnn", settings.preset, "") == FAST_CNN
+    with pytest.raises(ValueError, match="time_budget_min: expected >= 0, got -1"):
+        TrainSettings(time_budget_min=-1)
