@@ -82,13 +82,13 @@ TAG_DATA_SHA = "fer.data_sha256"
 # model-based searcher proposes from (jobs/space.py, `space_digest`), as a tag and a param;
 # how many explored trials of earlier searches (same data, space and fidelity) seeded it, from
 # which parent runs (comma list of run ids), and the earlier trial whose config it trained
-# first (its child run id); every reused trial is listed in MEMORY_FILE.
+# first (its child run id); every reused trial is listed in REUSED_TRIALS_FILE.
 TAG_SPACE_SHA = "fer.space_sha256"
 PARAM_SPACE_SHA = "space_sha256"
 METRIC_REUSED_TRIALS = "reused_trials"
 TAG_REUSED_FROM = "fer.reused_from"
 TAG_REMEMBERED_BEST = "fer.remembered_best"
-MEMORY_FILE = "search/memory.json"
+REUSED_TRIALS_FILE = "search/reused_trials.json"
 # The search's ensemble run (`fer.role` and `family` "ensemble"; its config.json lists
 # "members" with run_id, name, family, weight, and "flip" and "report_table"); each member's
 # accuracy on the report half is a metric under this prefix + the member's name.

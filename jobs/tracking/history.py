@@ -29,7 +29,7 @@ ENDED = ("FINISHED", "FAILED", "KILLED")
 # A trial's model config fields are its params under this prefix (jobs.plan.flat_params).
 MODEL_PARAM_PREFIX = "model."
 MAX_RUNS = 5000  # per query: more than any experiment's searches or one search's trials
-TAG_VALUE_LIMIT = 5000  # MLflow's tag values (the full list is in MEMORY_FILE)
+TAG_VALUE_LIMIT = 5000  # MLflow's tag values (the full list is in REUSED_TRIALS_FILE)
 
 
 @dataclass(frozen=True)
@@ -202,7 +202,7 @@ def _value(text: str) -> Any:
 
 def log_memory(client: Any, parent_id: str, memory: Memory) -> None:
     """On the parent run: how many earlier trials it reused, from which searches, the one it
-    trains first, and every reused trial in MEMORY_FILE."""
+    trains first, and every reused trial in REUSED_TRIALS_FILE."""
     from mlflow.entities import Metric, RunTag
 
     now = int(time.time() * 1000)
@@ -228,11 +228,12 @@ def log_memory(client: Any, parent_id: str, memory: Memory) -> None:
             },
             indent=2,
         ),
-        layout.MEMORY_FILE,
+        layout.REUSED_TRIALS_FILE,
     )
 
 
 def _cut(text: str) -> str:
     if len(text) <= TAG_VALUE_LIMIT:
         return text
-    return text[: TAG_VALUE_LIMIT - 30].rsplit(",", 1)[0] + f",... (see {layout.MEMORY_FILE})"
+    more = f",... (see {layout.REUSED_TRIALS_FILE})"
+    return text[: TAG_VALUE_LIMIT - len(more)].rsplit(",", 1)[0] + more

@@ -1,4 +1,4 @@
-"""The search's memory: a search starts from the explored trials of earlier ones in the store.
+"""The search's history: a search starts from the explored trials of earlier ones in the store.
 
 Earlier searches are written to a SQLite store of the test through the functions the search
 uses (the parent run's `open_parent`/`log_parent`, the trials' `MLflowTrialLogger`), with
@@ -188,9 +188,8 @@ def test_a_search_starts_from_the_trials_of_a_finished_one(tracking: Any, tmp_pa
     assert logged.tags[layout.TAG_REUSED_FROM] == earlier
     best_child = logged.tags[layout.TAG_REMEMBERED_BEST]
     assert tracking.get_run(best_child).data.tags[layout.TAG_PLAN_NAME] == "cnn-001"
-    listed = json.loads(
-        Path(tracking.download_artifacts(parent_id, layout.MEMORY_FILE, str(tmp_path))).read_text()
-    )
+    listed_file = tracking.download_artifacts(parent_id, layout.REUSED_TRIALS_FILE, str(tmp_path))
+    listed = json.loads(Path(listed_file).read_text())
     assert listed["reused_trials"] == 4 and listed["parents"] == [earlier]
     names = sorted(t["name"] for t in listed["trials"])
     assert names == ["cnn-001", "cnn-002", "cnn-003", "cnn-fast"]
