@@ -233,7 +233,7 @@ def _first_points(
 class RememberingOptunaSearch(OptunaSearch):
     """Ray Tune's `OptunaSearch` over our define-by-run space that also takes trials already
     evaluated (Ray's own `evaluated_rewards` refuses a define-by-run space): each is added to
-    the study as a complete trial, so TPE models it and never proposes it to be run again."""
+    the study as a complete trial, so TPE models it from the start instead of running it."""
 
     def __init__(self, *args: Any, evaluated: list[tuple[dict[str, Any], float]], **kwargs: Any):
         super().__init__(*args, **kwargs)
@@ -256,7 +256,7 @@ class RememberingOptunaSearch(OptunaSearch):
         status = state.FAIL if error else state.PRUNED if pruned else state.COMPLETE
         trial = optuna.trial.create_trial(
             state=status,
-            value=None if error else value,
+            value=value if status == state.COMPLETE else None,
             params=parameters,
             distributions=point_distributions(parameters, self._space.families),
             intermediate_values=dict(enumerate(intermediate_values or [])),
