@@ -66,6 +66,9 @@ class SearchSettings:
     # The Keras backend trials train on: tensorflow or jax (model/backend.py). The driver, the
     # ensemble and viz stay on TensorFlow: a .keras file from either loads there.
     backend: str = "tensorflow"
+    # Start from the explored trials of earlier searches of the same data and space in the
+    # tracking store (jobs/tracking/history.py); false: every search starts afresh.
+    remember: bool = True
     grace_epochs: int = 2
     max_failures: int = 2
     register: bool = True

@@ -9,6 +9,8 @@ parameter count (coursework questions 1 and 2).
 
 from __future__ import annotations
 
+import hashlib
+import json
 from typing import Any
 
 from model.cnn import SEED2017, SEED2017_PARAMS, CNNConfig
@@ -235,6 +237,21 @@ def training_from_params(params: dict[str, Any], max_epochs: int, seed: int) -> 
         "label_smoothing": float(params["training.label_smoothing"]),
         "mixup": float(params["training.mixup"]),
     }
+
+
+def space_digest(families: tuple[str, ...]) -> str:
+    """SHA-256 of what the model-based searcher proposes from for `families`: the searched
+    families' ranges, the training ranges and the augmentations, as canonical JSON. Two
+    searches with the same digest (and data) can learn from each other's trials
+    (jobs/tracking/history.py)."""
+    searched = adaptive_families(families)
+    definition = {
+        "families": list(searched),
+        "space": {name: SPACE[name] for name in (*searched, "training")},
+        "augmentations": AUGMENTATIONS,
+    }
+    canonical = json.dumps(definition, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 def fast_cnn_point(families: tuple[str, ...]) -> dict[str, Any]:

@@ -87,6 +87,17 @@ TAG_CALIBRATION = "fer.calibration"
 TAG_TRIAL_ID = "ray.trial_id"
 TAG_BEST_RUN = "best_run_id"
 TAG_DATA_SHA = "fer.data_sha256"
+# The search's memory (jobs/tracking/history.py): the parent run's digest of the space its
+# model-based searcher proposes from (jobs/space.py, `space_digest`), as a tag and a param;
+# how many explored trials of earlier searches (same data, space and fidelity) seeded it, from
+# which parent runs (comma list of run ids), and the earlier trial whose config it trained
+# first (its child run id); every reused trial is listed in REUSED_TRIALS_FILE.
+TAG_SPACE_SHA = "fer.space_sha256"
+PARAM_SPACE_SHA = "space_sha256"
+METRIC_REUSED_TRIALS = "reused_trials"
+TAG_REUSED_FROM = "fer.reused_from"
+TAG_REMEMBERED_BEST = "fer.remembered_best"
+REUSED_TRIALS_FILE = "search/reused_trials.json"
 # The search's ensemble run (`fer.role` and `family` "ensemble"; its config.json is
 # schema/ensemble.py's `EnsembleConfig`); each member's accuracy on the report half is a
 # metric under this prefix + the member's name.
@@ -109,6 +120,8 @@ PHASE_FINAL = "final"  # `fer.phase` of a trial trained on every row after the e
 PARAM_WARM_START_FROM = "warm_start_from"
 PARAM_TRAIN_FRACTION = "train_fraction"
 PARAM_TIME_BUDGET_MIN = "search.time_budget_min"  # on the search parent (its settings)
+PARAM_DATA_FRACTION = "search.data_fraction"  # the parent's share of the data's rows
+PARAM_SEED = "search.seed"  # the parent's seed (which rows a data_fraction below 1 draws)
 # `fer.trial_status` values.
 STATUS_FINISHED = "finished"
 STATUS_EARLY_STOPPED = "early_stopped"

@@ -57,6 +57,7 @@ def test_search_entry_points_expose_the_issue_parameters() -> None:
         "seed",
         "storage",
         "resume",
+        "remember",
     }
     for entry_point in ("main", "search"):
         assert required <= set(mlproject()["entry_points"][entry_point]["parameters"])

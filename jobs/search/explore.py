@@ -6,9 +6,12 @@ refused ones reach MLflow through the `on_refusal` callable the searcher is give
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from typing import Any
+
+from ray.tune.search.optuna import OptunaSearch
 
 from jobs.plan import TrialPlan
 from jobs.proposals import PlacingSearcher, Planner, ProposalClock
@@ -16,6 +19,7 @@ from jobs.search.context import SearchContext
 from jobs.search.strategy import FIXED
 from jobs.search.tune_phase import TuneSpec, fit
 from jobs.settings import SearchSettings
+from jobs.tracking.history import Memory
 from jobs.tracking.queue import drain_seconds
 from jobs.tracking.refusals import RefusalRecorder
 from jobs.tracking.trials import MLflowTrialLogger
@@ -28,6 +32,12 @@ TPE_STARTUP_TRIALS = 4
 # 60-minute searches; on fewer rows the explored ranking fell behind KerasTuner's on all of
 # them (BENCHMARKS.md).
 EXPLORE_MIN_ROWS = 7000
+# The plan name of the known-good CNN as the searcher's first point, and the suffix of the
+# best config of earlier searches where it takes that place.
+FAST_CNN_NAME = "cnn-fast"
+REMEMBERED_SUFFIX = "remembered"
+
+log = logging.getLogger("jobs.search")
 
 
 @dataclass(frozen=True)
@@ -45,7 +55,8 @@ def explore(ctx: SearchContext) -> ExploreResult:
     settings, run = ctx.settings, ctx.run
     recorder = RefusalRecorder(run.tracking_uri, run.experiment_id, run.parent_id, ctx.data.info)
     plans = list(ctx.strategy.plans) if ctx.strategy.kind == FIXED else None
-    searcher = _explore_searcher(settings, ctx.planner, recorder, ctx.explore_s, plans)
+    memory = remembered(ctx) if plans is None else None
+    searcher = _explore_searcher(settings, ctx.planner, recorder, ctx.explore_s, plans, memory)
     logger = MLflowTrialLogger(
         run.tracking_uri,
         run.experiment_id,
@@ -65,6 +76,46 @@ def explore(ctx: SearchContext) -> ExploreResult:
     grid = fit(ctx, spec)
     recorder.queue.drain(drain_seconds())
     return ExploreResult(grid)
+
+
+def remembered(ctx: SearchContext) -> Memory | None:
+    """The explored trials of earlier searches this one starts from (logged on its parent run);
+    None with `remember` off, or on a resumed search (its searcher comes back from Tune's
+    checkpoint, already seeded)."""
+    from mlflow.tracking import MlflowClient
+
+    from jobs.space import adaptive_families, parse_families, space_digest
+    from jobs.tracking.history import MemoryQuery, log_memory, recall
+
+    settings, run = ctx.settings, ctx.run
+    if not settings.remember or run.resumed:
+        return None
+    families = parse_families(settings.families)
+    query = MemoryQuery(
+        experiment_id=run.experiment_id,
+        parent_run_id=run.parent_id,
+        data_info=ctx.data.info,
+        space_sha256=space_digest(families),
+        families=adaptive_families(families),
+        train_fraction=settings.explore_fraction,
+        min_epochs=grace_epochs(settings, settings.explore_fraction),
+    )
+    client = MlflowClient(run.tracking_uri)
+    try:
+        memory = recall(client, query)
+        log_memory(client, run.parent_id, memory)
+    except Exception as error:  # the memory saves time; a search does not need it to run
+        log.warning("could not read earlier searches from the tracking store: %s", error)
+        return None
+    if memory.best is not None:
+        log.info(
+            "memory: %d explored trials of %d earlier searches; first point %s (%.3f)",
+            len(memory.trials),
+            len(memory.parents),
+            memory.best.name,
+            memory.best.best_val_accuracy,
+        )
+    return memory
 
 
 def _plans(
@@ -117,19 +168,15 @@ def _explore_searcher(
     on_refusal: Any,
     budget_s: float,
     plans: list[dict[str, Any]] | None,
+    memory: Memory | None = None,
 ) -> PlacingSearcher:
-    """Fixed points first (the known-good CNN as the model-based searcher's first point), then
-    TPE's proposals; or exactly `plans`, in order (benchmarks comparing fixed configs)."""
+    """Fixed points first (the known-good CNN, or with `memory` the best config of earlier
+    searches, as the model-based searcher's first point), then TPE's proposals, TPE told the
+    trials in `memory` as evaluated; or exactly `plans`, in order (benchmarks comparing fixed
+    configs)."""
     import optuna
-    from ray.tune.search.optuna import OptunaSearch
 
-    from jobs.space import (
-        Space,
-        adaptive_families,
-        fast_cnn_point,
-        fixed_points,
-        parse_families,
-    )
+    from jobs.space import Space, adaptive_families, fixed_points, parse_families
 
     clock = ProposalClock(budget_s)
     if plans is not None:
@@ -143,15 +190,16 @@ def _explore_searcher(
     queue: list[TrialPlan | None] = []
     for plan in _plans(fixed, settings.explore_fraction, settings.precision):
         # The known-good CNN is a point of the space: the model-based searcher runs it first.
-        queue.append(None if plan.name == "cnn-fast" else plan)
+        queue.append(None if plan.name == FAST_CNN_NAME else plan)
     searched = adaptive_families(families)
-    points = [fast_cnn_point(searched)] if "cnn" in searched else []
-    inner = OptunaSearch(
+    points, names = _first_points(searched, memory)
+    inner = RememberingOptunaSearch(
         space=Space(searched),
         metric="best_val_accuracy",
         mode="max",
         points_to_evaluate=points,
         sampler=optuna.samplers.TPESampler(seed=settings.seed, n_startup_trials=TPE_STARTUP_TRIALS),
+        evaluated=[(t.point, t.best_val_accuracy) for t in memory.trials] if memory else [],
     )
     return PlacingSearcher(
         planner,
@@ -159,12 +207,65 @@ def _explore_searcher(
         on_refusal,
         clock,
         inner=inner,
-        inner_names=["cnn-fast"] if points else [],
+        inner_names=names,
         make_plan=SpacePlanMaker(
             settings.max_epochs, settings.seed, settings.explore_fraction, settings.precision
         ),
         **common,
     )
+
+
+def _first_points(
+    searched: tuple[str, ...], memory: Memory | None
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """The model-based searcher's first point and its plan name: the best config of earlier
+    searches where there is one, else the known-good CNN (where CNNs are searched)."""
+    from jobs.space import fast_cnn_point
+
+    known_good = fast_cnn_point(searched)
+    best = memory.best if memory is not None else None
+    if best is not None:
+        if best.point == known_good:
+            return [dict(best.point)], [FAST_CNN_NAME]
+        family = best.point.get("family", searched[0])
+        return [dict(best.point)], [f"{family}-{REMEMBERED_SUFFIX}"]
+    if "cnn" in searched:
+        return [known_good], [FAST_CNN_NAME]
+    return [], []
+
+
+class RememberingOptunaSearch(OptunaSearch):
+    """Ray Tune's `OptunaSearch` over our define-by-run space that also takes trials already
+    evaluated (Ray's own `evaluated_rewards` refuses a define-by-run space): each is added to
+    the study as a complete trial, so TPE models it from the start instead of running it."""
+
+    def __init__(self, *args: Any, evaluated: list[tuple[dict[str, Any], float]], **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        for point, value in evaluated:
+            self.add_evaluated_point(point, value)
+
+    def add_evaluated_point(
+        self,
+        parameters: dict[str, Any],
+        value: float,
+        error: bool = False,
+        pruned: bool = False,
+        intermediate_values: list[float] | None = None,
+    ) -> None:
+        import optuna
+
+        from jobs.space_points import point_distributions
+
+        state = optuna.trial.TrialState
+        status = state.FAIL if error else state.PRUNED if pruned else state.COMPLETE
+        trial = optuna.trial.create_trial(
+            state=status,
+            value=value if status == state.COMPLETE else None,
+            params=parameters,
+            distributions=point_distributions(parameters, self._space.families),
+            intermediate_values=dict(enumerate(intermediate_values or [])),
+        )
+        self._ot_study.add_trial(trial)
 
 
 def grace_epochs(settings: SearchSettings, train_fraction: float) -> int:

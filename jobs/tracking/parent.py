@@ -113,15 +113,18 @@ def log_parent(
     import tensorflow as tf
     from mlflow.entities import Metric, Param
 
-    from jobs.space import AUGMENTATIONS, SPACE
+    from jobs.space import AUGMENTATIONS, SPACE, parse_families, space_digest
 
+    space_sha = space_digest(parse_families(settings.families))
     params = {f"search.{k}": str(v) for k, v in as_dict(settings).items()}
     params["data_sha256"] = data_info["sha256"]
+    params[layout.PARAM_SPACE_SHA] = space_sha
     tags = {
         layout.TAG_ROLE: layout.ROLE_SEARCH,
         TAG_SEARCH_NAME: settings.name,
         TAG_TUNE_PATH: tune_path,
         layout.TAG_DATA_SHA: data_info["sha256"],
+        layout.TAG_SPACE_SHA: space_sha,  # what a later search's memory matches on
         layout.TAG_WORKER_BUDGET: budget.describe(),
         layout.TAG_BACKEND: settings.backend,
         "version.tensorflow": tf.__version__,
