@@ -126,6 +126,21 @@ def _train_and_log(
     }
 
 
+def reference_images_per_second() -> float:
+    """The machine's speed, as the search's calibration measures it (the reference CNN on all
+    cores), in a fresh process: it sets TensorFlow's thread pools before anything else."""
+    import subprocess
+
+    code = (
+        "import os; from jobs.timing import measure_reference; "
+        "print(measure_reference(os.cpu_count() or 1).reference_images_per_second)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    return float(done.stdout.strip().splitlines()[-1])
+
+
 def run(
     data: str | None = None,
     repeats: int = 1,
@@ -156,6 +171,7 @@ def run(
     if ascent_steps is not None:
         overrides["ascent_steps"] = ascent_steps
 
+    reference = reference_images_per_second()
     with tempfile.TemporaryDirectory(prefix="bench-viz-") as tmp:
         workdir = Path(tmp)
         client = MlflowClient(f"sqlite:///{workdir}/mlflow.db")
@@ -183,6 +199,7 @@ def run(
             "max": max(cpu_seconds),
         },
         "load_average_1min": os.getloadavg()[0],
+        "viz_reference_images_per_second": reference,
         "stage_seconds": summary["timings"],
         "model_params": trained["params"],
         "conv_layers": summary["filter_layers"],

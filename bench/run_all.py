@@ -298,7 +298,11 @@ def details(results: dict[str, Any]) -> str:
         )
     if "stage_seconds" in results:
         stages = ", ".join(f"{k} {v:.1f} s" for k, v in results["stage_seconds"].items())
-        lines.append(f"- viz of a {results.get('model_params', 0):,}-parameter CNN: {stages}.")
+        lines.append(
+            f"- viz of a {results.get('model_params', 0):,}-parameter CNN: {stages} (reference "
+            f"{_fmt(results.get('viz_reference_images_per_second'))} images/s, load "
+            f"{_fmt(results.get('load_average_1min'))})."
+        )
     if "budget_trials" in results:
         trials = "; ".join(
             f"{t['name']} {_fmt(t['best_val_accuracy'])} after {t['epochs_done']} epochs"
