@@ -11,13 +11,20 @@ epochs (validation, mirrored predictions, checkpoints) and measures its memory a
 held before: less the model's one-step estimate and the data copies, that is the host memory
 the framework adds to every trial on this worker (`runtime_memory_bytes`, applied to every
 placement as `jobs.resources.TrialOverhead`).
+
+The calibration is one short measurement: a load spike during it would set every estimate of
+the search. The trials' own measured epochs correct it (`EpochTimeCorrection`).
 """
 
 from __future__ import annotations
 
+import logging
+import statistics
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 REFERENCE_BATCH = 64
 REFERENCE_IMAGES = 1024  # timed; one more batch first, to build the train function
@@ -31,6 +38,12 @@ EPOCH_OVERHEAD_S = 0.5
 MEMORY_PROBE_EPOCHS = 2
 MEMORY_PROBE_ROWS = 512
 MEMORY_PROBE_VAL_ROWS = 128
+# The correction's range: a machine busy during the calibration only made every estimate 2-5x
+# high (issue 28); a ratio beyond this says more about one trial (swapping, a stray process)
+# than about the machine.
+CORRECTION_RANGE = (0.2, 5.0)
+# A new correction is logged once it moves this far (relative) from the last one logged.
+CORRECTION_LOG_STEP = 0.1
 
 
 @dataclass(frozen=True)
@@ -158,3 +171,42 @@ def estimate_epoch_seconds(
 
     work = epoch_work(image_cost(model), train_rows, val_rows, micro_batch)
     return EPOCH_OVERHEAD_S + work / calibration.work_per_second
+
+
+@dataclass
+class EpochTimeCorrection:
+    """What the trials measured against their estimates: the factor on every later estimate.
+
+    `observe` takes a trial's estimate before any correction and an epoch it measured (the
+    trial's `epoch_seconds`: its training then validation rows, as the estimate counts them).
+    Each trial counts once, by its latest epoch (its first also traces the model's functions);
+    the factor is the median of the trials' measured / estimated ratios, within
+    CORRECTION_RANGE, and 1.0 before any trial reports. Plain data: it is pickled with the
+    searcher that holds it.
+    """
+
+    ratios: dict[str, float] = field(default_factory=dict)  # trial -> measured / estimated
+    logged: float = 1.0
+
+    @property
+    def factor(self) -> float:
+        if not self.ratios:
+            return 1.0
+        low, high = CORRECTION_RANGE
+        return min(high, max(low, statistics.median(self.ratios.values())))
+
+    def observe(self, trial: str, estimated_s: float, measured_s: float) -> None:
+        """Record `trial`'s latest epoch; ignored where either time is missing (<= 0)."""
+        if not (estimated_s > 0 and measured_s > 0):
+            return
+        self.ratios[trial] = measured_s / estimated_s
+        factor = self.factor
+        if abs(factor / self.logged - 1) >= CORRECTION_LOG_STEP:
+            log.info(
+                "epoch time estimates x%.2f from now (was x%.2f): the median measured/estimated "
+                "of %d trial(s)",
+                factor,
+                self.logged,
+                len(self.ratios),
+            )
+            self.logged = factor

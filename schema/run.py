@@ -100,6 +100,12 @@ PHASE_FINAL = "final"  # `fer.phase` of a trial trained on every row after the e
 PARAM_WARM_START_FROM = "warm_start_from"
 PARAM_TRAIN_FRACTION = "train_fraction"
 PARAM_TIME_BUDGET_MIN = "search.time_budget_min"  # on the search parent (its settings)
+# In every trial result: the training images the trial has seen so far (epochs x its rows),
+# the time ASHA's rungs are counted in (jobs/scheduling.py).
+METRIC_IMAGES_SEEN = "images_seen"
+# On the search parent, after each phase: the factor the trials' measured epoch seconds set on
+# every later epoch time estimate (jobs/timing.py, EpochTimeCorrection).
+METRIC_EPOCH_TIME_CORRECTION = "epoch_time_correction"
 # `fer.trial_status` values.
 STATUS_FINISHED = "finished"
 STATUS_EARLY_STOPPED = "early_stopped"

@@ -6,7 +6,6 @@ refused ones reach MLflow through the `on_refusal` callable the searcher is give
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,7 +55,7 @@ def explore(ctx: SearchContext) -> ExploreResult:
         budget_s=ctx.explore_s,
         num_samples=settings.num_samples if plans is None else len(plans),
         restore=run.resumed,
-        ranked_fraction=settings.explore_fraction if plans is None else 1.0,
+        ranked=True,
     )
     grid = fit(ctx, spec)
     recorder.queue.drain(drain_seconds())
@@ -163,12 +162,12 @@ def _explore_searcher(
     )
 
 
-def grace_epochs(settings: SearchSettings, train_fraction: float) -> int:
-    """ASHA's first rung in epochs of `train_fraction` of the rows: `grace_epochs` full-data
-    epochs' worth of images (a quarter of the rows takes four times the epochs to see as many
+def grace_epochs(settings: SearchSettings, train_fraction: float) -> float:
+    """ASHA's first rung in full-data epochs' worth of images (jobs/scheduling.py):
+    `grace_epochs`, or fewer where a trial on `train_fraction` of the rows cannot see that many
+    images in `max_epochs` (a quarter of the rows takes four times the epochs to see as many
     images, and a CNN needs that many before it ranks above a DNN)."""
-    epochs = math.ceil(settings.grace_epochs / train_fraction - 1e-9)
-    return max(1, min(epochs, settings.max_epochs))
+    return min(float(settings.grace_epochs), settings.max_epochs * train_fraction)
 
 
 class SpacePlanMaker:

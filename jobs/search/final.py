@@ -78,7 +78,6 @@ def final(ctx: SearchContext, explored: ExploreResult) -> FinalResult | None:
         budget_s=seconds_left,
         num_samples=max(1, len(plans)),
         restore=restore,
-        ranked_fraction=None,
         phase=FINAL,
     )
     fit(ctx, spec)
