@@ -236,11 +236,10 @@ class PlacingSearcher(Searcher):
                 if inner_id:
                     self.inner_ids[trial_id] = inner_id
                 self.started.append(plan.name)
-                correction = placed.placement["epoch_time_correction"]
-                self.estimates[trial_id] = (
-                    plan.name,
-                    placed.estimated_epoch_seconds / correction,
+                uncorrected = (
+                    placed.estimated_epoch_seconds / placed.placement["epoch_time_correction"]
                 )
+                self.estimates[trial_id] = (plan.name, uncorrected)
                 log.info(
                     "trial %s: %s, est %.0f MiB, %.0f s/epoch",
                     plan.name,

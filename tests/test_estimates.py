@@ -261,3 +261,32 @@ def test_a_refusal_for_time_names_the_rung_and_the_correction() -> None:
     assert placed.refusal == OVER_BUDGET
     assert "to reach epoch 8 on 0.25 of the rows, the first rung" in placed.reason
     assert "as the trials so far measured" in placed.reason
+
+
+def test_the_final_phase_scales_its_estimate_once_by_what_its_explored_trial_measured() -> None:
+    from jobs.search.final import FINAL_FILL, final_plans
+
+    searcher = _searcher(_planner(SPIKED), [_cnn(16), _cnn(20)], 3600.0)
+    explored = searcher.suggest("t0")  # placed before any trial reported: uncorrected
+    other = searcher.suggest("t1")
+    measured = _report(searcher, "t0", explored, 1.0)
+    _report(searcher, "t1", other, 1.0)
+    planner = searcher.planner
+    assert planner.correction.factor < 0.5
+    checkpoint = SimpleNamespace(path="/tune/t0/checkpoint_000001", filesystem=None)
+    grid = [
+        SimpleNamespace(
+            config=explored,
+            metrics={"best_val_accuracy": 0.5, "epoch_seconds": measured},
+            checkpoint=checkpoint,
+        )
+    ]
+    settings = SearchSettings(max_epochs=30, final_trials=1)
+    # An epoch on every row takes the machine's time, not the spiked estimate's nor a third of
+    # it again (the planner's correction and the explored trial's ratio are the same news).
+    full = SpacePlanMaker(30, 0, 1.0)(_cnn(16), "full")
+    truth = _planner(MACHINE).place(full).estimated_epoch_seconds
+    for epochs, fits in ((0.8, False), (1.2, True)):
+        seconds = (SETUP_SECONDS + epochs * truth) / FINAL_FILL
+        found = final_plans(settings, grid, planner, seconds_left=seconds, slots=1)
+        assert bool(found) is fits, epochs
