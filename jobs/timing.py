@@ -43,7 +43,10 @@ MEMORY_PROBE_VAL_ROWS = 128
 # than about the machine.
 CORRECTION_RANGE = (0.2, 5.0)
 # A new correction is logged once it moves this far (relative) from the last one logged.
-CORRECTION_LOG_STEP = 0.1
+CORRECTION_LOG_STEP = 0.25
+# A trial's ratio is the median of its latest epochs: one epoch of a small model is jitter,
+# and a trial's first epoch also traces its functions.
+CORRECTION_EPOCHS = 3
 
 
 @dataclass(frozen=True)
@@ -179,13 +182,14 @@ class EpochTimeCorrection:
 
     `observe` takes a trial's estimate before any correction and an epoch it measured (the
     trial's `epoch_seconds`: its training then validation rows, as the estimate counts them).
-    Each trial counts once, by its latest epoch (its first also traces the model's functions);
-    the factor is the median of the trials' measured / estimated ratios, within
+    Each trial counts once, by the median measured / estimated ratio of its latest
+    CORRECTION_EPOCHS epochs; the factor is the median of the trials' ratios, within
     CORRECTION_RANGE, and 1.0 before any trial reports. Plain data: it is pickled with the
     searcher that holds it.
     """
 
-    ratios: dict[str, float] = field(default_factory=dict)  # trial -> measured / estimated
+    # trial -> measured / estimated of its latest epochs
+    ratios: dict[str, list[float]] = field(default_factory=dict)
     logged: float = 1.0
 
     @property
@@ -193,13 +197,16 @@ class EpochTimeCorrection:
         if not self.ratios:
             return 1.0
         low, high = CORRECTION_RANGE
-        return min(high, max(low, statistics.median(self.ratios.values())))
+        median = statistics.median(statistics.median(r) for r in self.ratios.values())
+        return min(high, max(low, median))
 
     def observe(self, trial: str, estimated_s: float, measured_s: float) -> None:
-        """Record `trial`'s latest epoch; ignored where either time is missing (<= 0)."""
+        """Record an epoch of `trial`; ignored where either time is missing (<= 0)."""
         if not (estimated_s > 0 and measured_s > 0):
             return
-        self.ratios[trial] = measured_s / estimated_s
+        latest = self.ratios.setdefault(trial, [])
+        latest.append(measured_s / estimated_s)
+        del latest[:-CORRECTION_EPOCHS]
         factor = self.factor
         if abs(factor / self.logged - 1) >= CORRECTION_LOG_STEP:
             log.info(

@@ -132,14 +132,16 @@ def test_the_correction_is_the_median_trial_by_its_latest_epoch_within_its_range
     correction.observe("a", 30.0, 0.0)  # nothing measured: nothing learned
     correction.observe("b", 0.0, 10.0)  # nothing estimated (no calibration)
     assert correction.factor == 1.0
-    correction.observe("a", 30.0, 12.0)  # its first epoch, tracing included
-    correction.observe("a", 30.0, 10.0)  # its latest replaces it
+    correction.observe("a", 30.0, 30.0)  # its first epoch, tracing included
+    for measured in (12.0, 9.0, 10.0):  # its latest epochs replace it
+        correction.observe("a", 30.0, measured)
+    assert correction.factor == pytest.approx(1 / 3)
     correction.observe("b", 10.0, 4.0)
     correction.observe("c", 20.0, 40.0)  # one trial far off does not move the median much
     assert correction.factor == pytest.approx(0.4)
     low, high = CORRECTION_RANGE
-    assert EpochTimeCorrection({"x": 100.0}).factor == high
-    assert EpochTimeCorrection({"x": 1e-3}).factor == low
+    assert EpochTimeCorrection({"x": [100.0]}).factor == high
+    assert EpochTimeCorrection({"x": [1e-3]}).factor == low
 
 
 def test_the_correction_survives_a_searcher_save_and_restore(tmp_path: Path) -> None:
