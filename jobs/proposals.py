@@ -296,7 +296,8 @@ class PlacingSearcher(Searcher):
         )
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
-        if trial_id in self.estimates:
+        # The first epoch of a trial's process also traces its functions: not its rate.
+        if trial_id in self.estimates and layout.METRIC_SETUP_SECONDS not in result:
             name, estimated = self.estimates[trial_id]
             measured = float(result.get("epoch_seconds", 0.0) or 0.0)
             self.planner.correction.observe(name, estimated, measured)

@@ -44,8 +44,7 @@ MEMORY_PROBE_VAL_ROWS = 128
 CORRECTION_RANGE = (0.2, 5.0)
 # A new correction is logged once it moves this far (relative) from the last one logged.
 CORRECTION_LOG_STEP = 0.25
-# A trial's ratio is the median of its latest epochs: one epoch of a small model is jitter,
-# and a trial's first epoch also traces its functions.
+# A trial's ratio is the median of its latest epochs: one epoch of a small model is jitter.
 CORRECTION_EPOCHS = 3
 
 
@@ -181,7 +180,8 @@ class EpochTimeCorrection:
     """What the trials measured against their estimates: the factor on every later estimate.
 
     `observe` takes a trial's estimate before any correction and an epoch it measured (the
-    trial's `epoch_seconds`: its training then validation rows, as the estimate counts them).
+    trial's `epoch_seconds`: its training then validation rows, as the estimate counts them;
+    not the first epoch of its process, which also traces the model's functions).
     Each trial counts once, by the median measured / estimated ratio of its latest
     CORRECTION_EPOCHS epochs; the factor is the median of the trials' ratios, within
     CORRECTION_RANGE, and 1.0 before any trial reports. Plain data: it is pickled with the
