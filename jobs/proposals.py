@@ -5,7 +5,8 @@ fixed points, then what a model-based searcher (Ray Tune's `OptunaSearch`, TPE) 
 the results so far. Every proposal is built, its memory estimated and placed (fits / smaller
 micro-batch with accumulation / refused) and its epoch time estimated *before* it is returned
 to Tune. A proposal that fits no worker, or cannot reach the scheduler's first rung in the
-time left, is never started: it is handed to the `on_refusal` callable the searcher was given
+time left (at the epoch time the trials so far measured: `jobs.timing.EpochTimeCorrection`),
+is never started: it is handed to the `on_refusal` callable the searcher was given
 (the driver's logs it as a child run, `does_not_fit` / `over_budget`) and reported back to the
 model-based searcher, which then proposes again.
 """
@@ -21,6 +22,8 @@ from typing import Any
 from ray.tune.search import Searcher
 
 from jobs.plan import PlacedTrial, TrialPlan
+from jobs.scheduling import epochs_to_reach, rung_images
+from jobs.timing import EpochTimeCorrection
 from schema import run as layout
 
 log = logging.getLogger(__name__)
@@ -39,13 +42,22 @@ REFUSED_SCORE = 0.0
 
 @dataclass
 class Planner:
-    """Builds a plan's model once to estimate its memory (placement) and epoch time."""
+    """Builds a plan's model once to estimate its memory (placement) and epoch time.
+
+    The epoch time is the calibration's estimate times `correction`, what the trials placed
+    so far measured against their estimates (fed by the searchers that place with it).
+    """
 
     budget: Any  # jobs.resources.WorkerBudget
     cpus_per_trial: float
     train_rows: int
     val_rows: int
     calibration: Any = None  # jobs.timing.Calibration; None: no time estimate
+    correction: EpochTimeCorrection = field(default_factory=EpochTimeCorrection)
+
+    def rows(self, training: dict[str, Any]) -> int:
+        """The training rows a trial of `training` sees (its `train_fraction` of them)."""
+        return max(1, round(self.train_rows * float(training.get("train_fraction", 1.0))))
 
     @property
     def overhead(self) -> Any:
@@ -82,7 +94,7 @@ class Planner:
         model = build_model(config_from_dict(plan.model), stats=dummy_stats)
         training = plan.training
         fraction = float(training.get("train_fraction", 1.0))
-        rows = max(1, round(self.train_rows * fraction))
+        rows = self.rows(training)
         saved = memory_breakdown(model, training["batch_size"], training["optimizer"])
         state = saved["weights"] + saved["optimizer_slots"]
         placement = place(
@@ -102,6 +114,7 @@ class Planner:
             if self.calibration is not None
             else 0.0
         )
+        correction = self.correction.factor
         summary = {
             "status": placement.status,
             # What counts against the worker budget (the whole trial on a CPU worker, the card's
@@ -115,13 +128,15 @@ class Planner:
             "gpu_memory_limit_mb": placement.gpu_memory_limit_mb,
             "reason": placement.reason,
             "min_estimated_mb": placement.min_estimated_bytes / (1 << 20),
+            # The factor on the calibration's epoch time estimate (estimate / this: before it).
+            "epoch_time_correction": correction,
         }
         keras.backend.clear_session()
         placed_plan = TrialPlan(
             plan.name, plan.model, training, plan.phase, plan.warm_start, plan.warm_start_from
         )
         refusal = DOES_NOT_FIT if placement.status == "does_not_fit" else ""
-        return PlacedTrial(placed_plan, summary, seconds, refusal, placement.reason)
+        return PlacedTrial(placed_plan, summary, seconds * correction, refusal, placement.reason)
 
 
 @dataclass
@@ -150,10 +165,13 @@ class PlacingSearcher(Searcher):
 
     `queue` holds the fixed plans in launch order; a None in it stands for the model-based
     searcher's next proposal (whose first points are its `points_to_evaluate`, named by
-    `inner_names`). `grace_epochs` is the scheduler's first rung: a proposal whose setup plus
-    that many estimated epochs exceeds the time left (or its own `time_budget_s`) is not
-    started. With `fill` > 0, a plan's `time_budget_s` is cut, when it starts, to that share of
-    the time left less its setup: a plan that waited for a slot still ends with the budget.
+    `inner_names`). `grace_epochs` is the scheduler's first rung in full-data epochs' worth of
+    images (jobs/scheduling.py): a proposal whose setup plus the epochs of its own share of the
+    rows that take it there, at its estimated epoch time, exceeds the time left (or its own
+    `time_budget_s`) is not started. Each started trial's measured epochs correct the planner's
+    later estimates. With `fill` > 0, a plan's `time_budget_s` is cut, when it starts, to that
+    share of the time left less its setup: a plan that waited for a slot still ends with the
+    budget.
     """
 
     def __init__(
@@ -166,7 +184,7 @@ class PlacingSearcher(Searcher):
         inner: Searcher | None = None,
         inner_names: list[str] | None = None,
         make_plan: Any = None,  # (params, name) -> TrialPlan, for the inner's proposals
-        grace_epochs: int = 1,
+        grace_epochs: float = 1.0,
         fill: float = 0.0,
         metric: str = "best_val_accuracy",
         mode: str = "max",
@@ -184,6 +202,8 @@ class PlacingSearcher(Searcher):
         self.proposed = 0  # from the inner searcher, accepted or not (names its plans)
         self.inner_ids: dict[str, str] = {}  # Tune trial id -> the inner searcher's id
         self.started: list[str] = []
+        # Tune trial id -> (plan name, its epoch time estimate before the correction).
+        self.estimates: dict[str, tuple[str, float]] = {}
 
     def set_search_properties(
         self, metric: str | None, mode: str | None, config: dict, **spec: Any
@@ -221,6 +241,10 @@ class PlacingSearcher(Searcher):
                 if inner_id:
                     self.inner_ids[trial_id] = inner_id
                 self.started.append(plan.name)
+                uncorrected = (
+                    placed.estimated_epoch_seconds / placed.placement["epoch_time_correction"]
+                )
+                self.estimates[trial_id] = (plan.name, uncorrected)
                 log.info(
                     "trial %s: %s, est %.0f MiB, %.0f s/epoch",
                     plan.name,
@@ -259,10 +283,18 @@ class PlacingSearcher(Searcher):
             plan.name, plan.model, training, plan.phase, plan.warm_start, plan.warm_start_from
         )
 
+    def rung_epochs(self, training: dict[str, Any]) -> int:
+        """The epochs a trial of `training` trains to reach the first rung (at most its
+        max_epochs): more, the fewer rows it sees."""
+        rows = self.planner.rows(training)
+        epochs = epochs_to_reach(rung_images(self.grace_epochs, self.planner.train_rows), rows)
+        return min(epochs, int(training["max_epochs"]))
+
     def _time_check(self, placed: PlacedTrial) -> PlacedTrial:
         if placed.estimated_epoch_seconds <= 0:
             return placed
-        epochs = min(self.grace_epochs, int(placed.plan.training["max_epochs"]))
+        training = placed.plan.training
+        epochs = self.rung_epochs(training)
         needed = SETUP_SECONDS + epochs * placed.estimated_epoch_seconds
         left = self.clock.left()
         box = float(placed.plan.training.get("time_budget_s", 0) or 0)
@@ -271,22 +303,32 @@ class PlacingSearcher(Searcher):
             left, whose = box + SETUP_SECONDS, "in its time box"
         if needed <= left:
             return placed
+        fraction = float(training.get("train_fraction", 1.0))
+        correction = placed.placement["epoch_time_correction"]
+        corrected = f" x{correction:.2f} as the trials so far measured" if correction != 1 else ""
         reason = (
-            f"needs about {needed:.0f} s to reach epoch {epochs} (setup {SETUP_SECONDS:.0f} s + "
-            f"{epochs} x {placed.estimated_epoch_seconds:.0f} s estimated), {max(left, 0):.0f} s "
-            f"{whose} left"
+            f"needs about {needed:.0f} s to reach epoch {epochs} on {fraction:g} of the rows, "
+            f"the first rung (setup {SETUP_SECONDS:.0f} s + {epochs} x "
+            f"{placed.estimated_epoch_seconds:.0f} s estimated{corrected}), "
+            f"{max(left, 0):.0f} s {whose} left"
         )
         return PlacedTrial(
             placed.plan, placed.placement, placed.estimated_epoch_seconds, OVER_BUDGET, reason
         )
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
+        # The first epoch of a trial's process also traces its functions: not its rate.
+        if trial_id in self.estimates and layout.METRIC_SETUP_SECONDS not in result:
+            name, estimated = self.estimates[trial_id]
+            measured = float(result.get("epoch_seconds", 0.0) or 0.0)
+            self.planner.correction.observe(name, estimated, measured)
         if trial_id in self.inner_ids and self.metric in result:
             self.inner.on_trial_result(self.inner_ids[trial_id], result)
 
     def on_trial_complete(
         self, trial_id: str, result: dict | None = None, error: bool = False
     ) -> None:
+        self.estimates.pop(trial_id, None)
         inner_id = self.inner_ids.pop(trial_id, None)
         if inner_id is None:
             return

@@ -1,40 +1,61 @@
-"""The explore phase's trial scheduler: ASHA that ranks trials of one fidelity only.
+"""The explore phase's trial scheduler: ASHA whose rungs are counted in training images seen.
 
-A rung compares trials after the same number of epochs. Epochs of every training row and
-epochs of a quarter of them are not the same work: the coursework DNN, trained on every row so
-that its accuracy answers coursework question 2, is ahead of CNNs explored on a quarter of the
-rows at the same epoch; ranked together, it would set the first rung's cut-off and stop the
-CNNs. A trial of another fidelity runs to its own end (its `max_epochs`, the time budget) and
-leaves the rungs to the others. So does a plan named in `unranked`, whatever its fidelity:
-where the explored share is every row (a small data set, `jobs.search.explore.
-EXPLORE_MIN_ROWS`), the coursework DNN shares the explored fidelity and would otherwise stop
-the known-good CNN at the first rung (BENCHMARKS.md, the 20 % budget search).
+A rung compares trials after the same work. Counted in epochs, an epoch of every training row
+and an epoch of a quarter of them are not the same work: the coursework DNN, trained on every
+row, was ahead of CNNs explored on a quarter of the rows at the same epoch, and set the first
+rung's cut-off for them. Counted in images seen (each trial reports its own,
+`schema.run.METRIC_IMAGES_SEEN`), a trial on a quarter of the rows reaches a rung after four
+times the epochs of one on every row, and both are ranked there.
+
+A plan named in `unranked` runs to its own end (its `max_epochs`, the time budget) and leaves
+the rungs to the others: the coursework DNN is trained to its end for the CNN/DNN comparison,
+and where every trial sees every row (the same images at the same epoch) it led the
+known-good CNN at the first rung and stopped it (BENCHMARKS.md, the 20 % budget search).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from ray.tune.schedulers import AsyncHyperBandScheduler, TrialScheduler
 
 from jobs.trial import plan_of
+from schema import run as layout
+
+# A stratified share rounds each class's rows, so a quarter of the rows can be a few rows short
+# of a quarter: a rung sits this share below its nominal images, so four quarter-row epochs
+# reach the rung of one full-row epoch.
+RUNG_TOLERANCE = 0.01
 
 
-class SameFidelityASHA(AsyncHyperBandScheduler):
-    """`ASHAScheduler` whose rungs hold only trials on `train_fraction` of the rows, less the
-    plans named in `unranked`."""
+def rung_images(full_epochs: float, train_rows: int) -> int:
+    """A rung of `full_epochs` epochs of all `train_rows` rows, in images seen."""
+    return max(1, math.floor(full_epochs * train_rows * (1 - RUNG_TOLERANCE)))
 
-    def __init__(self, train_fraction: float, unranked: tuple[str, ...] = (), **asha: Any) -> None:
-        super().__init__(**asha)
-        self.train_fraction = float(train_fraction)
+
+def epochs_to_reach(images: int, rows: int) -> int:
+    """Epochs of `rows` rows a trial trains before it has seen `images` images."""
+    return max(1, math.ceil(images / max(1, rows)))
+
+
+class ImageRungASHA(AsyncHyperBandScheduler):
+    """`ASHAScheduler` on images seen (rungs from `grace_images` up to `max_images`, by
+    `reduction_factor`), less the plans named in `unranked`."""
+
+    def __init__(
+        self, unranked: tuple[str, ...], grace_images: int, max_images: int, **asha: Any
+    ) -> None:
+        super().__init__(
+            time_attr=layout.METRIC_IMAGES_SEEN,
+            grace_period=grace_images,
+            max_t=max(grace_images, max_images),
+            **asha,
+        )
         self.unranked = tuple(unranked)
 
     def ranks(self, trial: Any) -> bool:
-        plan = plan_of(trial.config)
-        if plan.get("name") in self.unranked:
-            return False
-        fraction = float(plan["training"].get("train_fraction", 1.0))
-        return abs(fraction - self.train_fraction) < 1e-9
+        return plan_of(trial.config).get("name") not in self.unranked
 
     def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
         if not self.ranks(trial):

@@ -11,13 +11,20 @@ epochs (validation, mirrored predictions, checkpoints) and measures its memory a
 held before: less the model's one-step estimate and the data copies, that is the host memory
 the framework adds to every trial on this worker (`runtime_memory_bytes`, applied to every
 placement as `jobs.resources.TrialOverhead`).
+
+The calibration is one short measurement: a load spike during it would set every estimate of
+the search. The trials' own measured epochs correct it (`EpochTimeCorrection`).
 """
 
 from __future__ import annotations
 
+import logging
+import statistics
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 REFERENCE_BATCH = 64
 REFERENCE_IMAGES = 1024  # timed; one more batch first, to build the train function
@@ -31,6 +38,14 @@ EPOCH_OVERHEAD_S = 0.5
 MEMORY_PROBE_EPOCHS = 2
 MEMORY_PROBE_ROWS = 512
 MEMORY_PROBE_VAL_ROWS = 128
+# The correction's range: a machine busy during the calibration only made every estimate 2-5x
+# high (issue 28); a ratio beyond this says more about one trial (swapping, a stray process)
+# than about the machine.
+CORRECTION_RANGE = (0.2, 5.0)
+# A new correction is logged once it moves this far (relative) from the last one logged.
+CORRECTION_LOG_STEP = 0.25
+# A trial's ratio is the median of its latest epochs: one epoch of a small model is jitter.
+CORRECTION_EPOCHS = 3
 
 
 @dataclass(frozen=True)
@@ -159,3 +174,47 @@ def estimate_epoch_seconds(
 
     work = epoch_work(image_cost(model), train_rows, val_rows, micro_batch)
     return EPOCH_OVERHEAD_S + work / calibration.work_per_second
+
+
+@dataclass
+class EpochTimeCorrection:
+    """What the trials measured against their estimates: the factor on every later estimate.
+
+    `observe` takes a trial's estimate before any correction and an epoch it measured (the
+    trial's `epoch_seconds`: its training then validation rows, as the estimate counts them;
+    not the first epoch of its process, which also traces the model's functions).
+    Each trial counts once, by the median measured / estimated ratio of its latest
+    CORRECTION_EPOCHS epochs; the factor is the median of the trials' ratios, within
+    CORRECTION_RANGE, and 1.0 before any trial reports. Plain data: it is pickled with the
+    searcher that holds it.
+    """
+
+    # trial -> measured / estimated of its latest epochs
+    ratios: dict[str, list[float]] = field(default_factory=dict)
+    logged: float = 1.0
+
+    @property
+    def factor(self) -> float:
+        if not self.ratios:
+            return 1.0
+        low, high = CORRECTION_RANGE
+        median = statistics.median(statistics.median(r) for r in self.ratios.values())
+        return min(high, max(low, median))
+
+    def observe(self, trial: str, estimated_s: float, measured_s: float) -> None:
+        """Record an epoch of `trial`; ignored where either time is missing (<= 0)."""
+        if not (estimated_s > 0 and measured_s > 0):
+            return
+        latest = self.ratios.setdefault(trial, [])
+        latest.append(measured_s / estimated_s)
+        del latest[:-CORRECTION_EPOCHS]
+        factor = self.factor
+        if abs(factor / self.logged - 1) >= CORRECTION_LOG_STEP:
+            log.info(
+                "epoch time estimates x%.2f from now (was x%.2f): the median measured/estimated "
+                "of %d trial(s)",
+                factor,
+                self.logged,
+                len(self.ratios),
+            )
+            self.logged = factor

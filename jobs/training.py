@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from jobs.plan import MIN_MICRO_BATCH, TrainingConfig
+from schema import run as layout
 
 log = logging.getLogger(__name__)
 
@@ -332,6 +333,8 @@ class EpochLoop:
                     "micro_batch_size": self.state.micro_batch_size,
                     "oom_retries": self.state.oom_retries,
                     "planned_epochs": self.planned_epochs,
+                    # What ASHA's rungs count (jobs/scheduling.py), whatever the row share.
+                    layout.METRIC_IMAGES_SEEN: epoch * len(self.data.x_train),
                 },
                 self.workdir,
             )

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from jobs.training import EpochLoop, TrainData, TrainingConfig
+from schema import run as layout
 from schema.cli import import_tensorflow
 
 WORKDIR_PREFIX = "fer-trial-"
@@ -287,7 +288,7 @@ def train_trial(config: dict[str, Any], data: dict[str, Any] | None = None) -> N
 
     where = {**placed_on(), "precision": policy, "backend": backend}
     # Start-up cost of this (re)start: Keras import, data from the object store, model build.
-    once: dict[str, Any] = {"setup_seconds": time.perf_counter() - entered}
+    once: dict[str, Any] = {layout.METRIC_SETUP_SECONDS: time.perf_counter() - entered}
 
     system = SystemSampler()
 

@@ -122,6 +122,15 @@ PARAM_TRAIN_FRACTION = "train_fraction"
 PARAM_TIME_BUDGET_MIN = "search.time_budget_min"  # on the search parent (its settings)
 PARAM_DATA_FRACTION = "search.data_fraction"  # the parent's share of the data's rows
 PARAM_SEED = "search.seed"  # the parent's seed (which rows a data_fraction below 1 draws)
+# In every trial result: the training images the trial has seen so far (epochs x its rows),
+# the time ASHA's rungs are counted in (jobs/scheduling.py).
+METRIC_IMAGES_SEEN = "images_seen"
+# In the first result of a trial's process only: its start-up seconds (that epoch also traced
+# the model's functions, so its epoch seconds are not the trial's rate).
+METRIC_SETUP_SECONDS = "setup_seconds"
+# On the search parent, after each phase: the factor the trials' measured epoch seconds set on
+# every later epoch time estimate (jobs/timing.py, EpochTimeCorrection).
+METRIC_EPOCH_TIME_CORRECTION = "epoch_time_correction"
 # `fer.trial_status` values.
 STATUS_FINISHED = "finished"
 STATUS_EARLY_STOPPED = "early_stopped"

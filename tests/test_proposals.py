@@ -22,7 +22,6 @@ from jobs.proposals import (
     ProposalClock,
 )
 from jobs.resources import GIB, MIB, WorkerBudget
-from jobs.scheduling import SameFidelityASHA
 from jobs.search.explore import (
     EXPLORE_MIN_ROWS,
     SpacePlanMaker,
@@ -33,7 +32,6 @@ from jobs.search.final import FINAL_FILL, final_plans
 from jobs.settings import SearchSettings
 from jobs.space import (
     FAST_CNN,
-    UNRANKED_POINTS,
     fast_cnn_point,
     fixed_points,
     model_from_params,
@@ -177,54 +175,6 @@ def test_the_fixed_points_run_first_then_the_model_based_searcher() -> None:
     fractions = {c["plan"]: c["trial"]["training"]["train_fraction"] for c in configs}
     assert fractions.pop("dnn-matched") == 1.0
     assert set(fractions.values()) == {0.25}
-
-
-def test_asha_ranks_only_the_trials_of_its_fidelity() -> None:
-    def trial(trial_id: str, fraction: float) -> SimpleNamespace:
-        training = {"train_fraction": fraction}
-        return SimpleNamespace(
-            trial_id=trial_id, config={"trial": {"name": trial_id, "training": training}}
-        )
-
-    def scheduler() -> SameFidelityASHA:
-        return SameFidelityASHA(
-            0.25, metric="val_accuracy", mode="max", max_t=30, grace_period=8, reduction_factor=3
-        )
-
-    dnn, cnn = trial("dnn", 1.0), trial("cnn", 0.25)
-    at_rung = {"training_iteration": 8}
-    asha = scheduler()
-    for t in (dnn, cnn):
-        asha.on_trial_add(None, t)
-    # The full-row DNN is far ahead at the rung, yet sets no cut-off for the quarter-row CNN.
-    assert asha.on_trial_result(None, dnn, {**at_rung, "val_accuracy": 0.45}) == "CONTINUE"
-    assert asha.on_trial_result(None, cnn, {**at_rung, "val_accuracy": 0.30}) == "CONTINUE"
-    asha.on_trial_complete(None, dnn, {"training_iteration": 30, "val_accuracy": 0.48})
-    assert "dnn" not in asha._trial_info
-    # Trials of its fidelity are ranked as by ASHA: the weaker of two stops at the rung.
-    asha = scheduler()
-    first, second = trial("a", 0.25), trial("b", 0.25)
-    for t in (first, second):
-        asha.on_trial_add(None, t)
-    assert asha.on_trial_result(None, first, {**at_rung, "val_accuracy": 0.45}) == "CONTINUE"
-    assert asha.on_trial_result(None, second, {**at_rung, "val_accuracy": 0.30}) == "STOP"
-    # Where every explored trial sees every row, the coursework DNN shares their fidelity: it
-    # is left out by name (on 20 % of the data it stopped the known-good CNN at the rung).
-    asha = SameFidelityASHA(
-        1.0,
-        UNRANKED_POINTS,
-        metric="val_accuracy",
-        mode="max",
-        max_t=30,
-        grace_period=2,
-        reduction_factor=3,
-    )
-    dnn, cnn = trial("dnn-matched", 1.0), trial("cnn-fast", 1.0)
-    for t in (dnn, cnn):
-        asha.on_trial_add(None, t)
-    rung = {"training_iteration": 2}
-    assert asha.on_trial_result(None, dnn, {**rung, "val_accuracy": 0.34}) == "CONTINUE"
-    assert asha.on_trial_result(None, cnn, {**rung, "val_accuracy": 0.20}) == "CONTINUE"
 
 
 def test_a_restored_searcher_continues_where_it_stopped(tmp_path: Path) -> None:

@@ -107,6 +107,8 @@ def test_search_refuses_what_fits_no_worker_and_tracks_the_rest(
     assert parent.info.status == "FINISHED"
     assert parent.data.tags[layout.TAG_ROLE] == "search"
     assert parent.data.tags[layout.TAG_BACKEND] == "tensorflow"
+    # The trials' measured epochs corrected the calibration's estimates (jobs/timing.py).
+    assert parent.data.metrics[layout.METRIC_EPOCH_TIME_CORRECTION] > 0
     assert parent.info.run_name == Path(result.tune_path).name  # <name>-<timestamp>
     assert parent.info.run_name.startswith("t-search-")
     # The UI opens the experiment on its training runs, not the GenAI overview.

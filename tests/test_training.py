@@ -20,6 +20,7 @@ from jobs.training import (
     TrainingConfig,
     learning_rate_at,
 )
+from schema.run import METRIC_IMAGES_SEEN
 
 
 def tiny_model() -> keras.Model:
@@ -248,8 +249,11 @@ def test_soft_labels_train_with_categorical_loss_and_a_stratified_row_share(
     counts = np.bincount(data.y_train, minlength=7)
     kept = np.bincount(loop.data.y_train, minlength=7)
     assert np.all(np.abs(kept - counts / 2) <= 1) and len(loop.data.x_train) < len(data.x_train)
-    state = loop.run(lambda metrics, _: None)
+    reported: list[dict] = []
+    state = loop.run(lambda metrics, _: reported.append(metrics))
     assert state.epoch == 1 and 0.0 <= state.best_val_accuracy <= 1.0
+    # ASHA's rungs count the images of its share, not of every row.
+    assert reported[-1][METRIC_IMAGES_SEEN] == len(loop.data.x_train)
     with pytest.raises(ValueError, match="label_smoothing"):
         TrainingConfig(label_smoothing=0.9)
     with pytest.raises(ValueError, match="train_fraction"):

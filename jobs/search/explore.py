@@ -7,7 +7,6 @@ refused ones reach MLflow through the `on_refusal` callable the searcher is give
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,6 +14,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from jobs.plan import TrialPlan
 from jobs.proposals import PlacingSearcher, Planner, ProposalClock
+from jobs.scheduling import epochs_to_reach, rung_images
 from jobs.search.context import SearchContext
 from jobs.search.strategy import FIXED
 from jobs.search.tune_phase import TuneSpec, fit
@@ -71,7 +71,7 @@ def explore(ctx: SearchContext) -> ExploreResult:
         budget_s=ctx.explore_s,
         num_samples=settings.num_samples if plans is None else len(plans),
         restore=run.resumed,
-        ranked_fraction=settings.explore_fraction if plans is None else 1.0,
+        ranked=True,
     )
     grid = fit(ctx, spec)
     recorder.queue.drain(drain_seconds())
@@ -98,7 +98,11 @@ def remembered(ctx: SearchContext) -> Memory | None:
         space_sha256=space_digest(families),
         families=adaptive_families(families),
         train_fraction=settings.explore_fraction,
-        min_epochs=grace_epochs(settings, settings.explore_fraction),
+        # The first rung, in epochs of the explored share of the rows.
+        min_epochs=epochs_to_reach(
+            rung_images(grace_epochs(settings, settings.explore_fraction), ctx.data.train_rows),
+            ctx.planner.rows({"train_fraction": settings.explore_fraction}),
+        ),
     )
     client = MlflowClient(run.tracking_uri)
     try:
@@ -268,12 +272,12 @@ class RememberingOptunaSearch(OptunaSearch):
         self._ot_study.add_trial(trial)
 
 
-def grace_epochs(settings: SearchSettings, train_fraction: float) -> int:
-    """ASHA's first rung in epochs of `train_fraction` of the rows: `grace_epochs` full-data
-    epochs' worth of images (a quarter of the rows takes four times the epochs to see as many
+def grace_epochs(settings: SearchSettings, train_fraction: float) -> float:
+    """ASHA's first rung in full-data epochs' worth of images (jobs/scheduling.py):
+    `grace_epochs`, or fewer where a trial on `train_fraction` of the rows cannot see that many
+    images in `max_epochs` (a quarter of the rows takes four times the epochs to see as many
     images, and a CNN needs that many before it ranks above a DNN)."""
-    epochs = math.ceil(settings.grace_epochs / train_fraction - 1e-9)
-    return max(1, min(epochs, settings.max_epochs))
+    return min(float(settings.grace_epochs), settings.max_epochs * train_fraction)
 
 
 class SpacePlanMaker:

@@ -22,6 +22,7 @@ from jobs.search.explore import ExploreResult
 from jobs.search.strategy import EXPLOIT
 from jobs.search.tune_phase import TuneSpec, fit
 from jobs.settings import SearchSettings
+from jobs.timing import CORRECTION_RANGE
 from jobs.tracking.queue import drain_seconds
 from jobs.tracking.refusals import RefusalRecorder
 from jobs.tracking.trials import MLflowTrialLogger
@@ -87,7 +88,6 @@ def final(ctx: SearchContext, explored: ExploreResult) -> FinalResult | None:
         budget_s=seconds_left,
         num_samples=max(1, len(plans)),
         restore=restore,
-        ranked_fraction=None,
         phase=FINAL,
     )
     fit(ctx, spec)
@@ -193,10 +193,15 @@ def _final_plan(
         "seed": int(explored.plan.training["seed"]) + copy,
     }
     full = planner.place(TrialPlan(explored.plan.name, explored.plan.model, training, FINAL))
-    # What the explored trial measured corrects the estimate (same worker kind, same load).
-    estimated = explored.estimated_epoch_seconds
-    ratio = measured / estimated if estimated > 0 and measured > 0 else 1.0
-    per_epoch = full.estimated_epoch_seconds * min(max(ratio, 0.5), 2.0)
+    # What the explored trial measured corrects the estimate (same worker kind, same load), on
+    # both estimates before the planner's correction (each was placed with the one of its time).
+    estimated = explored.estimated_epoch_seconds / explored.placement.get(
+        "epoch_time_correction", 1.0
+    )
+    correction = full.placement["epoch_time_correction"]
+    ratio = measured / estimated if estimated > 0 and measured > 0 else correction
+    low, high = CORRECTION_RANGE
+    per_epoch = full.estimated_epoch_seconds / correction * min(max(ratio, low), high)
     budget_s = seconds_left * FINAL_FILL - SETUP_SECONDS
     epochs = settings.max_epochs
     if per_epoch > 0:

@@ -18,6 +18,7 @@ from jobs.search.progress import ProgressLog
 from jobs.tracking.queue import drain_seconds
 from jobs.tracking.reconcile import after_phase
 from jobs.tracking.trials import MLflowTrialLogger
+from schema import run as layout
 
 # Tune forces an experiment snapshot whenever a trial has checkpointed `num_to_keep` times
 # since the last one: with one checkpoint kept per trial, every epoch. That keeps the state a
@@ -37,9 +38,9 @@ class TuneSpec:
     budget_s: float
     num_samples: int
     restore: bool
-    # ASHA stops the weak trials among those on this share of the rows (jobs/scheduling.py);
-    # None: every trial runs to its end (the final phase).
-    ranked_fraction: float | None
+    # True: ASHA stops the weak trials at rungs counted in images seen (jobs/scheduling.py);
+    # False: every trial runs to its end (the final phase).
+    ranked: bool = False
     phase: str = "explore"
 
 
@@ -66,8 +67,26 @@ def fit(ctx: SearchContext, spec: TuneSpec) -> Any:
         grid = tuner.fit()
     sweep_workdirs()  # the local trials Tune stopped (their processes are gone)
     after_phase(grid, spec.logger, spec.restore)
+    _record_correction(spec)
     spec.logger.queue.drain(drain_seconds())
     return grid
+
+
+def _record_correction(spec: TuneSpec) -> None:
+    """The epoch time correction the trials measured so far, on the parent run (step 0 after
+    the explore phase, 1 after the final). Nothing where no trial reported to this searcher:
+    a restored phase's trials report to Tune's own copy of it."""
+    correction = spec.searcher.planner.correction
+    if not correction.ratios:
+        return
+    logger, factor = spec.logger, correction.factor
+    step = 1 if spec.phase == layout.PHASE_FINAL else 0
+    logger.queue.submit(
+        "epoch time correction",
+        lambda: logger.client.log_metric(
+            logger.parent_run_id, layout.METRIC_EPOCH_TIME_CORRECTION, factor, step=step
+        ),
+    )
 
 
 def _new_tuner(ctx: SearchContext, spec: TuneSpec, trainable: Any) -> Any:
@@ -75,21 +94,21 @@ def _new_tuner(ctx: SearchContext, spec: TuneSpec, trainable: Any) -> Any:
     from ray.tune.schedulers import FIFOScheduler
 
     from jobs.restore import CheckpointRepair
-    from jobs.scheduling import SameFidelityASHA
+    from jobs.scheduling import ImageRungASHA, rung_images
     from jobs.space import UNRANKED_POINTS
 
     settings = ctx.settings
     storage, name = spec.path.rsplit("/", 1)
     trial_scheduler: Any = FIFOScheduler()
-    if spec.ranked_fraction is not None:
-        trial_scheduler = SameFidelityASHA(
-            spec.ranked_fraction,
+    if spec.ranked:
+        # The searcher refuses what cannot reach this rung in time (the same images).
+        rows = spec.searcher.planner.train_rows
+        trial_scheduler = ImageRungASHA(
             UNRANKED_POINTS,
+            grace_images=rung_images(spec.searcher.grace_epochs, rows),
+            max_images=rung_images(settings.max_epochs, rows),
             metric="val_accuracy",
             mode="max",
-            time_attr="training_iteration",
-            max_t=settings.max_epochs,
-            grace_period=spec.searcher.grace_epochs,
             reduction_factor=3,
         )
     progress = ProgressLog(spec.phase, spec.budget_s)
