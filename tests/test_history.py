@@ -22,6 +22,7 @@ from jobs.proposals import Planner
 from jobs.resources import MIB, WorkerBudget
 from jobs.search.context import SearchContext, SearchData, SearchRun
 from jobs.search.explore import SpacePlanMaker, _explore_searcher, remembered
+from jobs.search.strategy import EXPLORE, Strategy
 from jobs.settings import SearchSettings
 from jobs.space import KNOWN_GOOD_CNN, SPACE, Space, space_digest
 from jobs.space_points import point_from_config
@@ -142,7 +143,8 @@ def _new_search(
     parent_id, tune_path, _ = parent_run.open_parent(client, experiment, settings, str(tmp_path))
     parent_run.log_parent(client, parent_id, settings, BUDGET, [], data, tune_path, None)
     run = SearchRun(client.tracking_uri, experiment, parent_id, tune_path, False)
-    ctx = SearchContext(settings, SearchData({}, data), BUDGET, _planner(), run, 0.0)
+    strategy = Strategy(EXPLORE, settings.final_budget_share, "test")
+    ctx = SearchContext(settings, SearchData({}, data), BUDGET, _planner(), run, 0.0, strategy)
     memory = remembered(ctx)
     return _explore_searcher(settings, _planner(), Recorder(), 3600, None, memory), parent_id
 

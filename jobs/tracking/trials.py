@@ -40,7 +40,7 @@ SYSTEM_PREFIX = "system/"  # in MLflow
 MEMORY_OVER_RESERVATION = 1.2
 TAG_MEMORY_OVER = layout.TAG_MEMORY_OVER
 # In the first result after a trial (re)starts only: TF import, data, model build.
-START_METRICS = ("setup_seconds",)
+START_METRICS = (layout.METRIC_SETUP_SECONDS,)
 # On early-stopped trials: "scheduler" (ASHA) or "time_budget" (see _stop_reason).
 TAG_STOP_REASON = layout.TAG_STOP_REASON
 STOP_MARGIN_S = 10.0
