@@ -125,7 +125,10 @@ def _step(name: str, results: dict[str, Any], errors: dict[str, str], work: Any)
     print(f"   {time.perf_counter() - started:.0f} s", flush=True)
 
 
-def run_all(data: str, with_budget: bool, only: list[str] | None) -> dict[str, Any]:
+def run_all(
+    data: str, with_budget: bool, only: list[str] | None, regimes: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    """Every benchmark asked for; `regimes`: the search-value regimes (all where empty)."""
     from bench import (
         bench_budget,
         bench_kerastuner,
@@ -156,7 +159,8 @@ def run_all(data: str, with_budget: bool, only: list[str] | None) -> dict[str, A
         _step("budget", results, errors, lambda: bench_budget.run(data))
         ran.append("budget")
     if with_budget and (not only or "search-value" in only):
-        _step("search-value", results, errors, lambda: bench_search_value.run(data))
+        chosen = regimes or tuple(bench_search_value.REGIMES)
+        _step("search-value", results, errors, lambda: bench_search_value.run(data, chosen))
         ran.append("search-value")
     _keep_stored(results, errors, "budget", "budget_search_best_val_accuracy", BUDGET_KEYS)
     _keep_stored(results, errors, "search-value", "search_value_run_date", SEARCH_VALUE_KEYS)
@@ -421,6 +425,11 @@ def main(argv: list[str] | None = None) -> int:
         "budget,search-value)",
     )
     parser.add_argument(
+        "--regimes",
+        default="",
+        help="the search-value benchmark's regimes, comma list of hour,large (default: both)",
+    )
+    parser.add_argument(
         "--regenerate",
         action="store_true",
         help="run nothing: rewrite BENCHMARKS.md's table from bench/results/latest.json",
@@ -436,9 +445,12 @@ def main(argv: list[str] | None = None) -> int:
     only = args.only.split(",") if args.only else None
     if only and not args.with_budget and set(only) & set(WITH_BUDGET):
         parser.error(f"--only {args.only}: {', '.join(WITH_BUDGET)} run only with --with-budget")
-    results = run_all(args.data, args.with_budget, only)
-    flags = (["--with-budget"] if args.with_budget else []) + (
-        [f"--only {args.only}"] if only else []
+    regimes = tuple(r.strip() for r in args.regimes.split(",") if r.strip())
+    results = run_all(args.data, args.with_budget, only, regimes)
+    flags = (
+        (["--with-budget"] if args.with_budget else [])
+        + ([f"--only {args.only}"] if only else [])
+        + ([f"--regimes {args.regimes}"] if regimes else [])
     )
     if flags:
         results["_meta"]["command"] = f"make bench ARGS='{' '.join(flags)}'"

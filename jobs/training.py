@@ -325,6 +325,7 @@ class EpochLoop:
             self.state.train_seconds += time.perf_counter() - started
             self._plan_on_the_clock()
             self.state.save(self.workdir)
+            reporting = time.perf_counter()
             on_epoch_end(
                 {
                     "epoch": epoch,
@@ -338,4 +339,8 @@ class EpochLoop:
                 },
                 self.workdir,
             )
+            # Reporting (Tune's checkpoint copy, the tracking writes) spends the budget too: on
+            # short epochs it is a large share of each, and a plan without it overruns.
+            self.state.train_seconds += time.perf_counter() - reporting
+            self._plan_on_the_clock()
         return self.state

@@ -15,6 +15,7 @@ import os
 import re
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
 from typing import Any, TypeVar
@@ -95,6 +96,10 @@ TF_LOAD_NOISE = re.compile(
     r"|cudart_stub\.cc:\d+\] Could not find cuda drivers"
     r"|Unable to register cu(DNN|FFT|BLAS) factory"
 )
+# On a machine without a GPU (no NVIDIA device node), TensorFlow's first look for devices
+# fails its CUDA probe and logs the failure as an error in every process, also before absl
+# is initialised; there it says nothing. With a GPU it is a real error and stays.
+NO_GPU_NOISE = re.compile(TF_LOAD_NOISE.pattern + r"|failed call to cuInit")
 
 
 def import_tensorflow() -> None:
@@ -108,18 +113,30 @@ def import_tensorflow() -> None:
     except ImportError:  # a Python that refuses the import (tests/no_tensorflow)
         installed = False
     if installed:
-        quiet_import("tensorflow", TF_LOAD_NOISE)
+        gpu = has_local_gpu()
+        # The device probe runs inside the capture too (once per process): its CUDA error is
+        # what a machine without a GPU would print next.
+        quiet_import(
+            "tensorflow",
+            TF_LOAD_NOISE if gpu else NO_GPU_NOISE,
+            then=lambda tf: gpu or tf.config.list_physical_devices("GPU"),
+        )
 
 
-def quiet_import(module: str, noise: re.Pattern[str]) -> None:
-    """Import `module` with file descriptor 2 captured: lines matching `noise` are dropped,
-    the rest written to stderr once the import returns (or fails)."""
+def quiet_import(
+    module: str, noise: re.Pattern[str], then: Callable[[Any], Any] | None = None
+) -> None:
+    """Import `module` (then call `then` on it) with file descriptor 2 captured: lines
+    matching `noise` are dropped, the rest written to stderr once the import returns (or
+    fails)."""
     sys.stderr.flush()
     saved = os.dup(2)
     with tempfile.TemporaryFile() as captured:
         os.dup2(captured.fileno(), 2)
         try:
-            importlib.import_module(module)
+            imported = importlib.import_module(module)
+            if then is not None:
+                then(imported)
         finally:
             sys.stderr.flush()
             os.dup2(saved, 2)

@@ -184,11 +184,17 @@ def test_run_all_runs_the_search_value_arm_only_with_the_budget_flag(
             | {"minutes": 57.0, "reference_images_per_second": 305.0},
         },
     }
-    monkeypatch.setattr(value, "run", lambda data: ran.append("value") or dict(figures))
+    asked: list[tuple[str, ...]] = []
+    monkeypatch.setattr(
+        value, "run", lambda data, regimes: ran.append("value") or asked.append(regimes) or figures
+    )
     monkeypatch.setattr(bench_budget, "run", lambda data: ran.append("budget") or {})
     monkeypatch.setattr(run_all, "RESULTS", tmp_path)
     results = run_all.run_all("data.csv", True, ["search-value"])
     assert ran == ["value"] and results["_meta"]["ran"] == ["search-value"]
+    assert asked == [("hour", "large")]  # both regimes unless `--regimes` names some
+    run_all.run_all("data.csv", True, ["search-value"], ("large",))
+    assert asked[-1] == ("large",)
     assert json.loads((tmp_path / "search_value.json").read_text()) == figures
     table = run_all.table(results)
     assert "| `search_gain_points_hour` |" in table and "**no**" in table

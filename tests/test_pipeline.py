@@ -13,7 +13,7 @@ import pytest
 
 from jobs.search import SearchResult
 from pipeline import closing_lines
-from schema.cli import TF_LOAD_NOISE, quiet_import
+from schema.cli import NO_GPU_NOISE, TF_LOAD_NOISE, quiet_import
 
 ROOT = Path(__file__).resolve().parents[1]
 # What TensorFlow 2.21 writes while it loads on a machine without a GPU (and a CUDA wheel's
@@ -48,7 +48,17 @@ def test_an_import_loses_only_tensorflows_load_noise(
     ]
 
 
-@pytest.mark.slow
+def test_the_cuda_probe_error_is_dropped_only_where_there_is_no_gpu() -> None:
+    line = (
+        "E0000 00:00:1796459237.831257   10894 cuda_platform.cc:52] failed call to cuInit: "
+        "INTERNAL: CUDA error: Failed call to cuInit: UNKNOWN ERROR (303)"
+    )
+    assert NO_GPU_NOISE.search(line)
+    assert not TF_LOAD_NOISE.search(line)  # with a GPU it is a real error
+    assert not NO_GPU_NOISE.search("E0000 cuda_platform.cc:52] out of memory")
+
+
+@pytest.mark.integration
 def test_a_cpu_machine_console_has_no_tensorflow_load_noise(tmp_path: Path) -> None:
     """The driver (up to its first error) and a trial worker's set-up import TensorFlow with
     TF_CPP_MIN_LOG_LEVEL unset, as a new user's first run does."""
@@ -58,7 +68,7 @@ def test_a_cpu_machine_console_has_no_tensorflow_load_noise(tmp_path: Path) -> N
         "from jobs.trial import configure_backend\n"
         "configure_backend(1.0, 0.0)\n"
         "import keras, tensorflow\n"
-        "print(keras.backend.backend())\n"
+        "print(keras.backend.backend(), int(tensorflow.constant(1) + 1))\n"
     )
     runs = {
         "driver": [sys.executable, "-m", "pipeline", "--data", str(tmp_path / "absent.csv")],
@@ -75,7 +85,7 @@ def test_a_cpu_machine_console_has_no_tensorflow_load_noise(tmp_path: Path) -> N
         if name == "driver":
             assert done.returncode == 2 and "absent.csv does not exist" in done.stderr, console
         else:
-            assert done.returncode == 0 and done.stdout.strip() == "tensorflow", console
+            assert done.returncode == 0 and done.stdout.strip() == "tensorflow 2", console
 
 
 def test_closing_lines_name_the_champion_its_accuracy_the_report_and_how_to_serve() -> None:
