@@ -492,7 +492,10 @@ def test_the_final_trains_the_best_config_until_its_share_of_the_budget_is_spent
     rows = memory_rows(runs)
     assert {row["name"] for row in rows} >= {final.info.run_name}
     for row in rows:
-        assert abs(row["error"]) <= 0.25, rows
+        # Under: the reservation's promise (a trial above 1.2x its placement is tagged
+        # over_reservation). Over is wasted packing, not a risk, and on these few rows the
+        # fixed terms (runtime, checkpoints) dominate: looser there.
+        assert -0.25 <= row["error"] <= 0.4, rows
 
 
 @pytest.mark.e2e
