@@ -462,7 +462,9 @@ def test_the_final_trains_the_best_config_until_its_share_of_the_budget_is_spent
         families="dnn",
         num_samples=3,
         max_epochs=1000,  # the cap: the clock binds first
-        time_budget_min=3.0,
+        # The calibration and Ray's start-up come out of the budget first: a minute of it on
+        # a busy 2-core machine.
+        time_budget_min=4.0,
         final_budget_share=0.5,
         final_trials=1,
         grace_epochs=1,
@@ -481,10 +483,10 @@ def test_the_final_trains_the_best_config_until_its_share_of_the_budget_is_spent
     epochs = int(final.data.tags[layout.TAG_EPOCHS_DONE])
     assert 1 <= epochs < settings.max_epochs
     budget_s = float(final.data.params["time_budget_s"])
-    assert 0 < budget_s < 90  # its share, less the margin and the setup
+    assert 0 < budget_s < 120  # its share, less the margin and the setup
     trained_s = (final.info.end_time - final.info.start_time) / 1000
     assert trained_s < budget_s + 30, (trained_s, budget_s)  # setup and logging besides
-    assert time.time() - started < 180 + 90  # the search as a whole: its budget, then tracking
+    assert time.time() - started < 240 + 90  # the search as a whole: its budget, then tracking
     # Each real trial's memory estimate (its model's step, the calibrated runtime, its data)
     # against its own measured peak: a loose bound here, the benchmark holds the tight one.
     from jobs.search.summary import memory_rows
