@@ -13,6 +13,7 @@ model-based searcher, which then proposes again.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -279,9 +280,7 @@ class PlacingSearcher(Searcher):
         if fits >= box:
             return plan
         training = {**plan.training, "time_budget_s": max(fits, 0.0)}
-        return TrialPlan(
-            plan.name, plan.model, training, plan.phase, plan.warm_start, plan.warm_start_from
-        )
+        return dataclasses.replace(plan, training=training)
 
     def rung_epochs(self, training: dict[str, Any]) -> int:
         """The epochs a trial of `training` trains to reach the first rung (at most its
