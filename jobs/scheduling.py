@@ -27,11 +27,6 @@ from schema import run as layout
 # of a quarter: a rung sits this share below its nominal images, so four quarter-row epochs
 # reach the rung of one full-row epoch.
 RUNG_TOLERANCE = 0.01
-# The first rung holds at least this many images, whatever the rows: before it every model is
-# near chance and a rung ranks noise. On 10 % of FER2013's rows (2,871 a epoch) the known-good
-# CNN was at 0.26 after 2 epochs (the majority class is 0.25), 0.37 after 6 and 0.40 after 8
-# (BENCHMARKS.md, search value 2026-12-05); 2 epochs of every row are 57,000 images.
-MIN_RUNG_IMAGES = 20_000
 
 
 def rung_images(full_epochs: float, train_rows: int) -> int:

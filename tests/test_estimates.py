@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import pickle
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -15,7 +16,7 @@ from ray.tune.search import Searcher
 from jobs.plan import PlacedTrial
 from jobs.proposals import OVER_BUDGET, SETUP_SECONDS, PlacingSearcher, Planner, ProposalClock
 from jobs.resources import MIB, WorkerBudget
-from jobs.scheduling import MIN_RUNG_IMAGES, RUNG_TOLERANCE, ImageRungASHA, rung_images
+from jobs.scheduling import RUNG_TOLERANCE, ImageRungASHA, rung_images
 from jobs.search.explore import SpacePlanMaker, grace_epochs
 from jobs.settings import SearchSettings
 from jobs.space import UNRANKED_POINTS, fast_cnn_point
@@ -239,7 +240,7 @@ def test_the_first_rung_holds_enough_images_to_rank_on_a_small_data_set() -> Non
     settings = SearchSettings(max_epochs=30, grace_epochs=2)
     small = TRAIN_ROWS // 10
     grace = grace_epochs(settings, 1.0, small)
-    assert rung_images(grace, small) >= MIN_RUNG_IMAGES * (1 - RUNG_TOLERANCE)
+    assert rung_images(grace, small) >= settings.min_rung_images * (1 - RUNG_TOLERANCE)
     assert 6 <= grace <= 8  # epochs of the small set
     searcher = PlacingSearcher(
         _planner(MACHINE, small), [], lambda placed: None, ProposalClock(60), grace_epochs=grace
@@ -249,6 +250,10 @@ def test_the_first_rung_holds_enough_images_to_rank_on_a_small_data_set() -> Non
     assert grace_epochs(SearchSettings(max_epochs=5, grace_epochs=2), 1.0, small) == 5.0
     # Every row of FER2013: the setting's 2 epochs already hold more.
     assert grace_epochs(settings, 1.0, TRAIN_ROWS) == 2.0
+    # Asked for: no floor.
+    assert grace_epochs(replace(settings, min_rung_images=0), 1.0, small) == 2.0
+    with pytest.raises(ValueError, match="min_rung_images"):
+        SearchSettings(min_rung_images=-1)
 
 
 def test_the_coursework_dnn_is_never_ranked_even_at_the_same_images() -> None:

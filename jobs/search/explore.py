@@ -14,7 +14,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from jobs.plan import TrialPlan
 from jobs.proposals import PlacingSearcher, Planner, ProposalClock
-from jobs.scheduling import MIN_RUNG_IMAGES, epochs_to_reach, rung_images
+from jobs.scheduling import epochs_to_reach, rung_images
 from jobs.search.context import SearchContext
 from jobs.search.strategy import FIXED
 from jobs.search.tune_phase import TuneSpec, fit
@@ -277,12 +277,12 @@ class RememberingOptunaSearch(OptunaSearch):
 
 def grace_epochs(settings: SearchSettings, train_fraction: float, train_rows: int = 0) -> float:
     """ASHA's first rung in full-data epochs' worth of images (jobs/scheduling.py):
-    `grace_epochs`, or more where that is fewer than `MIN_RUNG_IMAGES` of the data set's
+    `grace_epochs`, or more where that is fewer than `min_rung_images` of the data set's
     `train_rows` (a small data set; 0: no such floor, for given plans), or fewer where a trial
     on `train_fraction` of the rows cannot see that many images in `max_epochs` (a quarter of
     the rows takes four times the epochs to see as many images, and a CNN needs that many
     before it ranks above a DNN)."""
-    floor = MIN_RUNG_IMAGES / train_rows if train_rows > 0 else 0.0
+    floor = settings.min_rung_images / train_rows if train_rows > 0 else 0.0
     wanted = max(float(settings.grace_epochs), floor)
     return min(wanted, settings.max_epochs * train_fraction)
 
