@@ -271,6 +271,11 @@ def run(
         raise ValueError(f"minutes: expected > 0, got {minutes}")
     if fraction is not None and not 0 < fraction <= 1:
         raise ValueError(f"fraction: expected a number in (0, 1], got {fraction}")
+    from jobs.cli import setup_logging
+    from schema.cli import import_tensorflow
+
+    setup_logging()  # the search's decisions (its strategy, the final's plans) in the log
+    import_tensorflow()  # without its load-time noise, as in `make run`
     commit = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
     ).stdout.strip()

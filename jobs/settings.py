@@ -70,10 +70,18 @@ class SearchSettings:
     # tracking store (jobs/tracking/history.py); false: every search starts afresh.
     remember: bool = True
     grace_epochs: int = 2
+    # ASHA's first rung holds at least this many training images, however few the rows: before
+    # it every model is near chance and a rung ranks noise. On 10 % of FER2013's rows the
+    # known-good CNN was at 0.26 after 2 epochs (5,700 images; the majority class is 0.25),
+    # 0.37 after 17,000 and 0.40 after 23,000 (BENCHMARKS.md, search value of 2026-12-05);
+    # 2 epochs of every row are 57,000. 0: the rung is `grace_epochs` alone.
+    min_rung_images: int = 20_000
     max_failures: int = 2
     register: bool = True
 
     def __post_init__(self) -> None:
+        if self.min_rung_images < 0:
+            raise ValueError(f"min_rung_images: expected >= 0, got {self.min_rung_images}")
         if not 0 < self.explore_fraction <= 1:
             raise ValueError(
                 f"explore_fraction: expected a number in (0, 1], got {self.explore_fraction}"

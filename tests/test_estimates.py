@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import pickle
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -14,7 +16,7 @@ from ray.tune.search import Searcher
 from jobs.plan import PlacedTrial
 from jobs.proposals import OVER_BUDGET, SETUP_SECONDS, PlacingSearcher, Planner, ProposalClock
 from jobs.resources import MIB, WorkerBudget
-from jobs.scheduling import ImageRungASHA, rung_images
+from jobs.scheduling import RUNG_TOLERANCE, ImageRungASHA, rung_images
 from jobs.search.explore import SpacePlanMaker, grace_epochs
 from jobs.settings import SearchSettings
 from jobs.space import UNRANKED_POINTS, fast_cnn_point
@@ -45,9 +47,9 @@ class Scripted(Searcher):
         pass  # learns nothing: only the order of its proposals matters here
 
 
-def _planner(calibration: Calibration) -> Planner:
+def _planner(calibration: Calibration, train_rows: int = TRAIN_ROWS) -> Planner:
     budget = WorkerBudget("cpu", int(1e6 * MIB), "test")
-    return Planner(budget, 1.0, train_rows=TRAIN_ROWS, val_rows=3589, calibration=calibration)
+    return Planner(budget, 1.0, train_rows=train_rows, val_rows=3589, calibration=calibration)
 
 
 def _cnn(filters: int) -> dict[str, Any]:
@@ -195,7 +197,7 @@ def test_the_first_rung_is_counted_in_images_seen_whatever_the_row_share() -> No
     labels = np.repeat(np.arange(7), CLASS_ROWS)
     quarter_rows = len(stratified_indices(labels, 0.25, 0))
     settings = SearchSettings(max_epochs=30, grace_epochs=2)
-    grace = grace_epochs(settings, 0.25)
+    grace = grace_epochs(settings, 0.25, TRAIN_ROWS)
     assert grace == 2.0  # full-data epochs' worth of images
     asha = ImageRungASHA(
         UNRANKED_POINTS,
@@ -230,7 +232,28 @@ def test_the_first_rung_is_counted_in_images_seen_whatever_the_row_share() -> No
     assert searcher.rung_epochs({"train_fraction": 1.0, "max_epochs": 30}) == 2
     assert searcher.rung_epochs({"train_fraction": 0.25, "max_epochs": 5}) == 5
     # A short search: the rung is what a quarter-row trial can reach in its max_epochs.
-    assert grace_epochs(SearchSettings(max_epochs=4, grace_epochs=2), 0.25) == 1.0
+    assert grace_epochs(SearchSettings(max_epochs=4, grace_epochs=2), 0.25, TRAIN_ROWS) == 1.0
+
+
+def test_the_first_rung_holds_enough_images_to_rank_on_a_small_data_set() -> None:
+    # A tenth of FER2013's rows: 2 epochs are 5,742 images, where every model is near chance.
+    settings = SearchSettings(max_epochs=30, grace_epochs=2)
+    small = TRAIN_ROWS // 10
+    grace = grace_epochs(settings, 1.0, small)
+    assert rung_images(grace, small) >= settings.min_rung_images * (1 - RUNG_TOLERANCE)
+    assert 6 <= grace <= 8  # epochs of the small set
+    searcher = PlacingSearcher(
+        _planner(MACHINE, small), [], lambda placed: None, ProposalClock(60), grace_epochs=grace
+    )
+    assert searcher.rung_epochs({"train_fraction": 1.0, "max_epochs": 30}) == math.ceil(grace)
+    # Where a trial cannot see that many images in max_epochs, the rung is its last epoch.
+    assert grace_epochs(SearchSettings(max_epochs=5, grace_epochs=2), 1.0, small) == 5.0
+    # Every row of FER2013: the setting's 2 epochs already hold more.
+    assert grace_epochs(settings, 1.0, TRAIN_ROWS) == 2.0
+    # Asked for: no floor.
+    assert grace_epochs(replace(settings, min_rung_images=0), 1.0, small) == 2.0
+    with pytest.raises(ValueError, match="min_rung_images"):
+        SearchSettings(min_rung_images=-1)
 
 
 def test_the_coursework_dnn_is_never_ranked_even_at_the_same_images() -> None:

@@ -100,7 +100,10 @@ def remembered(ctx: SearchContext) -> Memory | None:
         train_fraction=settings.explore_fraction,
         # The first rung, in epochs of the explored share of the rows.
         min_epochs=epochs_to_reach(
-            rung_images(grace_epochs(settings, settings.explore_fraction), ctx.data.train_rows),
+            rung_images(
+                grace_epochs(settings, settings.explore_fraction, ctx.data.train_rows),
+                ctx.data.train_rows,
+            ),
             ctx.planner.rows({"train_fraction": settings.explore_fraction}),
         ),
     )
@@ -188,7 +191,7 @@ def _explore_searcher(
         return PlacingSearcher(
             planner, fixed_plans, on_refusal, clock, grace_epochs=grace_epochs(settings, 1.0)
         )
-    common = {"grace_epochs": grace_epochs(settings, settings.explore_fraction)}
+    common = {"grace_epochs": grace_epochs(settings, settings.explore_fraction, planner.train_rows)}
     families = parse_families(settings.families)
     fixed = fixed_points(families, settings.max_epochs, settings.seed)
     queue: list[TrialPlan | None] = []
@@ -272,12 +275,16 @@ class RememberingOptunaSearch(OptunaSearch):
         self._ot_study.add_trial(trial)
 
 
-def grace_epochs(settings: SearchSettings, train_fraction: float) -> float:
+def grace_epochs(settings: SearchSettings, train_fraction: float, train_rows: int = 0) -> float:
     """ASHA's first rung in full-data epochs' worth of images (jobs/scheduling.py):
-    `grace_epochs`, or fewer where a trial on `train_fraction` of the rows cannot see that many
-    images in `max_epochs` (a quarter of the rows takes four times the epochs to see as many
-    images, and a CNN needs that many before it ranks above a DNN)."""
-    return min(float(settings.grace_epochs), settings.max_epochs * train_fraction)
+    `grace_epochs`, or more where that is fewer than `min_rung_images` of the data set's
+    `train_rows` (a small data set; 0: no such floor, for given plans), or fewer where a trial
+    on `train_fraction` of the rows cannot see that many images in `max_epochs` (a quarter of
+    the rows takes four times the epochs to see as many images, and a CNN needs that many
+    before it ranks above a DNN)."""
+    floor = settings.min_rung_images / train_rows if train_rows > 0 else 0.0
+    wanted = max(float(settings.grace_epochs), floor)
+    return min(wanted, settings.max_epochs * train_fraction)
 
 
 class SpacePlanMaker:
