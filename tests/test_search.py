@@ -468,7 +468,7 @@ def test_the_final_trains_the_best_config_until_its_share_of_the_budget_is_spent
         final_budget_share=0.5,
         final_trials=1,
         grace_epochs=1,
-        min_rung_images=0,  # a few hundred rows: the rung of a real data set is 472 epochs
+        min_rung_images=0,  # on these few hundred rows the 20,000-image floor is 472 epochs
         cpus_per_trial=1,
         storage=str(tmp_path / "tune"),
         name="t-final",
