@@ -183,13 +183,15 @@ def _keep_stored(
     results: dict[str, Any], errors: dict[str, str], name: str, marker: str, keys: tuple[str, ...]
 ) -> None:
     """A benchmark stored apart (`bench/results/<name>.json`, with its date and commit): save
-    this run's figures, or, where it was not re-run or failed, merge in the last good ones."""
+    this run's figures over the stored ones (a run of some search-value regimes keeps the
+    others'), or, where it was not re-run or failed, merge in the last good ones."""
     stored = RESULTS / STORED_FILES[name]
     if name not in errors and marker in results:
         RESULTS.mkdir(parents=True, exist_ok=True)
-        stored.write_text(
-            json.dumps({k: v for k, v in results.items() if k.startswith(keys)}, indent=2)
-        )
+        before = json.loads(stored.read_text()) if stored.exists() else {}
+        figures = {k: v for k, v in results.items() if k.startswith(keys)}
+        stored.write_text(json.dumps({**before, **figures}, indent=2))
+        results.update({k: v for k, v in before.items() if k not in results})
     elif stored.exists():
         results.update(json.loads(stored.read_text()))
 

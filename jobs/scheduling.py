@@ -16,12 +16,15 @@ known-good CNN at the first rung and stopped it (BENCHMARKS.md, the 20 % budget 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ray.tune.schedulers import AsyncHyperBandScheduler, TrialScheduler
 
 from jobs.trial import plan_of
 from schema import run as layout
+
+if TYPE_CHECKING:
+    from jobs.settings import SearchSettings
 
 # A stratified share rounds each class's rows, so a quarter of the rows can be a few rows short
 # of a quarter: a rung sits this share below its nominal images, so four quarter-row epochs
@@ -37,6 +40,17 @@ def rung_images(full_epochs: float, train_rows: int) -> int:
 def epochs_to_reach(images: int, rows: int) -> int:
     """Epochs of `rows` rows a trial trains before it has seen `images` images."""
     return max(1, math.ceil(images / max(1, rows)))
+
+
+def grace_epochs(settings: SearchSettings, train_fraction: float, train_rows: int = 0) -> float:
+    """ASHA's first rung in full-data epochs' worth of images: `grace_epochs`, or more where
+    that is fewer than `min_rung_images` of the data set's `train_rows` (a small data set; 0:
+    no such floor, for given plans), or fewer where a trial on `train_fraction` of the rows
+    cannot see that many images in `max_epochs` (a quarter of the rows takes four times the
+    epochs to see as many images, and a CNN needs that many before it ranks above a DNN)."""
+    floor = settings.min_rung_images / train_rows if train_rows > 0 else 0.0
+    wanted = max(float(settings.grace_epochs), floor)
+    return min(wanted, settings.max_epochs * train_fraction)
 
 
 class ImageRungASHA(AsyncHyperBandScheduler):

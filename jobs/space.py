@@ -52,6 +52,16 @@ KNOWN_GOOD_CNN: dict[str, Any] = {
     "training.lr_schedule": "constant",
 }
 FAST_CNN_SCHEDULE = KNOWN_GOOD_CNN["training.lr_schedule"]
+# The first proposals after the known-good CNN (or the best config of earlier searches): the same
+# model, more strongly regularised, as the model-based searcher's start-up points in place of
+# random ones. On fewer rows, or with more epochs than a CPU hour gives, the known-good recipe's
+# light regularisation overfits; these cost what it costs per epoch, where TPE's random points
+# of the whole space cost 2-8x more (BENCHMARKS.md, search value, large regime).
+NEIGHBOURS: dict[str, dict[str, Any]] = {
+    "crop": {"cnn.augmentation": "crop", "cnn.dropout": 0.3},
+    "smooth": {"training.label_smoothing": 0.1, "cnn.dropout": 0.3},
+    "strong": {"cnn.augmentation": "strong", "cnn.dropout": 0.4},
+}
 
 
 def matched_dnn() -> DNNConfig:
@@ -258,6 +268,18 @@ def fast_cnn_point(families: tuple[str, ...]) -> dict[str, Any]:
     """The known-good CNN trained as the fixed points are, as a point of `define_space` (the
     searcher evaluates it first and learns from it like from its own proposals)."""
     return {**KNOWN_GOOD_CNN, "family": "cnn"} if len(families) > 1 else dict(KNOWN_GOOD_CNN)
+
+
+def neighbours(point: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """(suffix, point) for each of NEIGHBOURS that applies to `point` (all its parameters are
+    the point's) and changes it, in NEIGHBOURS' order."""
+    found = []
+    for suffix, changes in NEIGHBOURS.items():
+        if set(changes) <= set(point):
+            near = {**point, **changes}
+            if near != point:
+                found.append((suffix, near))
+    return found
 
 
 def fixed_points(families: tuple[str, ...], max_epochs: int, seed: int) -> list[dict[str, Any]]:

@@ -64,6 +64,7 @@ PARAM_STRATEGY = "strategy.kind"
 PARAM_STRATEGY_FINAL_SHARE = "strategy.final_share"
 PARAM_STRATEGY_MODEL_MINUTES = "strategy.model_minutes"
 PARAM_STRATEGY_MODELS_PER_SLOT = "strategy.models_per_slot"
+PARAM_STRATEGY_EXPLORE_MIN_MODELS = "strategy.explore_min_models"
 TAG_STRATEGY = "fer.strategy"  # the decision in words, with its numbers
 PHASE_FINAL = "final"
 TAG_PLAN_NAME = "fer.plan_name"

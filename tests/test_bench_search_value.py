@@ -208,6 +208,48 @@ def test_run_all_runs_the_search_value_arm_only_with_the_budget_flag(
         run_all.main(["--data", "data.csv", "--only", "search-value"])
 
 
+@pytest.mark.parametrize(
+    ("model_s", "bar", "expected"),
+    [(600.0, 4.0, 50.0), (30.0, 4.0, 20.0), (0.0, 0.0, 20.0)],
+    ids=["slow machine: raised", "fast machine: as given", "no calibration: as given"],
+)
+def test_the_large_regime_is_sized_to_explore_on_the_machine_it_runs_on(
+    monkeypatch: Any, model_s: float, bar: float, expected: float
+) -> None:
+    from jobs.search import driver
+    from jobs.search.strategy import EXPLOIT, Strategy
+
+    probe = Strategy(EXPLOIT, 1.0, "numbers", model_s, 0.0, 2, explore_min_models=bar)
+    monkeypatch.setattr(driver, "strategy_for", lambda settings: probe)
+    regime = value.REGIMES["large"]
+
+    minutes, sizing = value.sized_minutes(SimpleNamespace(), regime)
+
+    assert minutes == expected
+    if model_s:
+        # 1.25 x 4 models per slot of 10 minutes each: 50 minutes where 20 hold only 2.
+        assert sizing["explore_min_models"] == bar and sizing["model_minutes"] == model_s / 60
+        assert sizing["models_per_slot"] == round(expected * 60 / model_s, 2)
+        assert sizing["models_per_slot"] >= regime.explore_margin * bar
+    else:
+        assert sizing["model_minutes"] is None and sizing["reason"] == "numbers"
+
+
+def test_a_run_of_one_regime_keeps_the_stored_figures_of_the_other(
+    tmp_path: Path, monkeypatch: Any
+) -> None:
+    large = {"search_value_run_date": "d1", "search_gain_points_large": 2.5}
+    hour = {"search_value_run_date": "d2", "search_gain_points_hour": 0.4}
+    monkeypatch.setattr(run_all, "RESULTS", tmp_path)
+    for figures in (large, hour):
+        monkeypatch.setattr(value, "run", lambda data, regimes, figures=figures: dict(figures))
+        results = run_all.run_all("data.csv", True, ["search-value"])
+
+    stored = json.loads((tmp_path / "search_value.json").read_text())
+    assert stored == {**large, **hour}
+    assert results["search_gain_points_large"] == 2.5 and results["search_gain_points_hour"] == 0.4
+
+
 @pytest.mark.slow
 def test_the_benchmark_runs_end_to_end_on_a_tiny_budget(tmp_path: Path) -> None:
     from viz_helpers import write_fer_csv

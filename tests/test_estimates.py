@@ -16,8 +16,8 @@ from ray.tune.search import Searcher
 from jobs.plan import PlacedTrial
 from jobs.proposals import OVER_BUDGET, SETUP_SECONDS, PlacingSearcher, Planner, ProposalClock
 from jobs.resources import MIB, WorkerBudget
-from jobs.scheduling import RUNG_TOLERANCE, ImageRungASHA, rung_images
-from jobs.search.explore import SpacePlanMaker, grace_epochs
+from jobs.scheduling import RUNG_TOLERANCE, ImageRungASHA, grace_epochs, rung_images
+from jobs.search.explore import SpacePlanMaker
 from jobs.settings import SearchSettings
 from jobs.space import UNRANKED_POINTS, fast_cnn_point
 from jobs.timing import CORRECTION_RANGE, Calibration, EpochTimeCorrection

@@ -24,7 +24,7 @@ from jobs.search.context import SearchContext, SearchData, SearchRun
 from jobs.search.explore import SpacePlanMaker, _explore_searcher, remembered
 from jobs.search.strategy import EXPLORE, Strategy
 from jobs.settings import SearchSettings
-from jobs.space import KNOWN_GOOD_CNN, SPACE, Space, space_digest
+from jobs.space import KNOWN_GOOD_CNN, NEIGHBOURS, SPACE, Space, space_digest
 from jobs.space_points import point_from_config
 from jobs.tracking import parent as parent_run
 from jobs.tracking.trials import MLflowTrialLogger
@@ -159,6 +159,20 @@ def _first_plan(searcher: Any) -> dict[str, Any]:
     return searcher.suggest("new-0")["trial"]
 
 
+def test_the_neighbours_an_earlier_search_evaluated_are_not_proposed_again(
+    tracking: Any, tmp_path: Path
+) -> None:
+    crop = {**FAST, **NEIGHBOURS["crop"]}
+    _earlier_search(tracking, tmp_path, [("cnn-fast", FAST, 0.50, 4), ("c", crop, 0.45, 4)])
+    searcher, _ = _new_search(tracking, tmp_path)
+
+    names = [searcher.suggest(f"new-{i}")["plan"] for i in range(4)]
+
+    # The best earlier config is the known-good CNN itself: it comes first under its own name,
+    # then SEED2017 (a fixed point), then the neighbours no earlier search trained.
+    assert names == ["cnn-fast", "seed2017", "cnn-fast-smooth", "cnn-fast-strong"]
+
+
 def test_a_search_starts_from_the_trials_of_a_finished_one(tracking: Any, tmp_path: Path) -> None:
     earlier = _earlier_search(
         tracking,
@@ -263,6 +277,22 @@ def test_another_fidelity_is_not_reused(tracking: Any, tmp_path: Path) -> None:
     _earlier_search(tracking, tmp_path, [("cnn-001", WIDE, 0.52, 4)], fraction=0.5)
     searcher, _ = _new_search(tracking, tmp_path)
     _without_memory(searcher)
+
+
+def test_a_trial_on_a_cosine_rate_is_reused_only_with_the_same_max_epochs(
+    tracking: Any, tmp_path: Path
+) -> None:
+    # Trained with max_epochs 4 (SETTINGS); the new search trains to 5, and its first rung is
+    # 5 quarter-row epochs, which every earlier trial reached.
+    _earlier_search(tracking, tmp_path, [("a", WIDE, 0.52, 5), ("b", SGD, 0.55, 5)])
+    longer = SearchSettings(**{**vars(SETTINGS), "max_epochs": 5})
+
+    searcher, _ = _new_search(tracking, tmp_path, longer)
+    same, _ = _new_search(tracking, tmp_path)
+
+    # SGD's cosine would have stood elsewhere at the same epoch: only the constant rate counts.
+    assert _evaluated(searcher) == [0.52]
+    assert _evaluated(same) == [0.52, 0.55]
 
 
 @pytest.mark.parametrize("families", [("cnn",), ("dnn",), ("cnn", "dnn")])

@@ -32,11 +32,13 @@ from jobs.search.final import FINAL_FILL, final_plans
 from jobs.settings import SearchSettings
 from jobs.space import (
     FAST_CNN,
+    NEIGHBOURS,
     fast_cnn_point,
     fixed_points,
     model_from_params,
 )
 from jobs.timing import Calibration
+from model.configs import config_to_dict
 
 
 class Recorder:
@@ -159,11 +161,18 @@ def test_the_fixed_points_run_first_then_the_model_based_searcher() -> None:
     settings = SearchSettings(families="cnn,dnn", max_epochs=4, num_samples=10)
     searcher = _explore_searcher(settings, _planner(1e6), Recorder(), 3600, None)
 
-    configs = [searcher.suggest(f"t{i}") for i in range(5)]
+    configs = [searcher.suggest(f"t{i}") for i in range(7)]
 
     names = [config["plan"] for config in configs]
     assert names[:3] == ["cnn-fast", "dnn-matched", "seed2017"]
-    assert all(name.startswith(("cnn-", "dnn-")) for name in names[3:])
+    # Then the known-good CNN's neighbours (the same model, more regularised), then TPE's own.
+    assert names[3:6] == [f"cnn-fast-{suffix}" for suffix in NEIGHBOURS]
+    assert names[6].startswith(("cnn-", "dnn-")) and names[6] not in names[:6]
+    for config, changes in zip(configs[3:6], NEIGHBOURS.values(), strict=True):
+        near = model_from_params({**fast_cnn_point(("cnn", "dnn")), **changes})
+        assert config["trial"]["model"] == config_to_dict(near)
+        assert near.filters == FAST_CNN.filters and near != FAST_CNN
+    assert configs[4]["trial"]["training"]["label_smoothing"] == 0.1
     # The known-good CNN is the model-based searcher's first point, and trains as planned.
     fast = configs[0]["trial"]
     assert model_from_params(fast_cnn_point(("cnn", "dnn"))) == FAST_CNN

@@ -63,19 +63,13 @@ def run_search(settings: SearchSettings, strategy: Strategy | None = None) -> Se
     started = time.time()
     quick_failing_client_env()
     configure_s3_retries()  # also for callers that bypass the CLI (tests, benchmarks)
-    settings, data = prepare_data(settings)  # data errors surface before any run or Ray
-    init_ray(backend=settings.backend)
-    budget = worker_budget(settings)
-    calibration = _calibrate(budget, settings.cpus_per_trial)
-    planner = Planner(budget, settings.cpus_per_trial, data.train_rows, data.val_rows, calibration)
+    settings, data, planner = _prepare(settings)
     if strategy is None:
-        strategy = decide(
-            settings, planner, best_known_plan(settings), slots(settings.cpus_per_trial)
-        )
-    run = open_run(settings, budget, data, calibration, strategy)
+        strategy = _decide(settings, planner)
+    run = open_run(settings, planner.budget, data, planner.calibration, strategy)
     if run.resumed:
         strategy = resumed_strategy(run, strategy)
-    ctx = SearchContext(settings, data, budget, planner, run, started, strategy)
+    ctx = SearchContext(settings, data, planner.budget, planner, run, started, strategy)
     try:
         explored = explore(ctx)
         final(ctx, explored)
@@ -88,6 +82,28 @@ def run_search(settings: SearchSettings, strategy: Strategy | None = None) -> Se
         raise
     result = _result(run, champion, summary, ensembled.note, time.time() - started)
     return dataclasses.replace(result, strategy=f"{strategy.kind}: {strategy.reason}")
+
+
+def strategy_for(settings: SearchSettings) -> Strategy:
+    """The strategy a search of `settings` would take on this machine now (it loads the data,
+    starts Ray and calibrates): what a benchmark sizes a budget from (bench/)."""
+    settings, _, planner = _prepare(settings)
+    return _decide(settings, planner)
+
+
+def _prepare(settings: SearchSettings) -> tuple[SearchSettings, SearchData, Planner]:
+    """The data (its errors surface before any run or Ray), Ray, the worker budget and the
+    calibration, as the planner every phase places trials with."""
+    settings, data = prepare_data(settings)
+    init_ray(backend=settings.backend)
+    budget = worker_budget(settings)
+    calibration = _calibrate(budget, settings.cpus_per_trial)
+    planner = Planner(budget, settings.cpus_per_trial, data.train_rows, data.val_rows, calibration)
+    return settings, data, planner
+
+
+def _decide(settings: SearchSettings, planner: Planner) -> Strategy:
+    return decide(settings, planner, best_known_plan(settings), slots(settings.cpus_per_trial))
 
 
 def prepare_data(settings: SearchSettings) -> tuple[SearchSettings, SearchData]:

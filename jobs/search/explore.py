@@ -1,4 +1,5 @@
-"""Explore: the fixed points, then TPE's proposals, on a share of the rows, ASHA stopping the weak.
+"""Explore: the fixed points, the known-good CNN's neighbours, then TPE's proposals, on a share of
+the rows, ASHA stopping the weak.
 
 Every proposal is placed by memory and time before Ray sees it (`jobs/proposals.py`); the
 refused ones reach MLflow through the `on_refusal` callable the searcher is given.
@@ -14,7 +15,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from jobs.plan import TrialPlan
 from jobs.proposals import PlacingSearcher, Planner, ProposalClock
-from jobs.scheduling import epochs_to_reach, rung_images
+from jobs.scheduling import epochs_to_reach, grace_epochs, rung_images
 from jobs.search.context import SearchContext
 from jobs.search.strategy import FIXED
 from jobs.search.tune_phase import TuneSpec, fit
@@ -24,8 +25,9 @@ from jobs.tracking.queue import drain_seconds
 from jobs.tracking.refusals import RefusalRecorder
 from jobs.tracking.trials import MLflowTrialLogger
 
-# TPE's random start-up proposals before it models the results (Optuna's default is 10: more
-# than a CPU budget of an hour starts at all).
+# Trials TPE waits for before it models the results (Optuna's default is 10: more than a CPU
+# budget of an hour starts at all): the known-good CNN and its neighbours, where no earlier
+# search evaluated them, so TPE's own proposals are modelled from the first.
 TPE_STARTUP_TRIALS = 4
 # An explored trial sees at least this many training rows (all of them where there are
 # fewer): a quarter of the full Training split, the fidelity that ranked configs in the
@@ -106,6 +108,7 @@ def remembered(ctx: SearchContext) -> Memory | None:
             ),
             ctx.planner.rows({"train_fraction": settings.explore_fraction}),
         ),
+        max_epochs=settings.max_epochs,
     )
     client = MlflowClient(run.tracking_uri)
     try:
@@ -225,20 +228,26 @@ def _explore_searcher(
 def _first_points(
     searched: tuple[str, ...], memory: Memory | None
 ) -> tuple[list[dict[str, Any]], list[str]]:
-    """The model-based searcher's first point and its plan name: the best config of earlier
-    searches where there is one, else the known-good CNN (where CNNs are searched)."""
-    from jobs.space import fast_cnn_point
+    """The model-based searcher's first points and their plan names: the best config of earlier
+    searches where there is one, else the known-good CNN (where CNNs are searched); then its
+    neighbours (`jobs.space.NEIGHBOURS`) that no earlier search evaluated."""
+    from jobs.space import fast_cnn_point, neighbours
 
     known_good = fast_cnn_point(searched)
     best = memory.best if memory is not None else None
     if best is not None:
-        if best.point == known_good:
-            return [dict(best.point)], [FAST_CNN_NAME]
-        family = best.point.get("family", searched[0])
-        return [dict(best.point)], [f"{family}-{REMEMBERED_SUFFIX}"]
-    if "cnn" in searched:
-        return [known_good], [FAST_CNN_NAME]
-    return [], []
+        first = dict(best.point)
+        name = FAST_CNN_NAME
+        if best.point != known_good:
+            name = f"{first.get('family', searched[0])}-{REMEMBERED_SUFFIX}"
+    elif "cnn" in searched:
+        first, name = known_good, FAST_CNN_NAME
+    else:
+        return [], []
+    evaluated = [trial.point for trial in memory.trials] if memory is not None else []
+    near = [(suffix, point) for suffix, point in neighbours(first) if point not in evaluated]
+    points = [first, *(point for _, point in near)]
+    return points, [name, *(f"{name}-{suffix}" for suffix, _ in near)]
 
 
 class RememberingOptunaSearch(OptunaSearch):
@@ -273,18 +282,6 @@ class RememberingOptunaSearch(OptunaSearch):
             intermediate_values=dict(enumerate(intermediate_values or [])),
         )
         self._ot_study.add_trial(trial)
-
-
-def grace_epochs(settings: SearchSettings, train_fraction: float, train_rows: int = 0) -> float:
-    """ASHA's first rung in full-data epochs' worth of images (jobs/scheduling.py):
-    `grace_epochs`, or more where that is fewer than `min_rung_images` of the data set's
-    `train_rows` (a small data set; 0: no such floor, for given plans), or fewer where a trial
-    on `train_fraction` of the rows cannot see that many images in `max_epochs` (a quarter of
-    the rows takes four times the epochs to see as many images, and a CNN needs that many
-    before it ranks above a DNN)."""
-    floor = settings.min_rung_images / train_rows if train_rows > 0 else 0.0
-    wanted = max(float(settings.grace_epochs), floor)
-    return min(wanted, settings.max_epochs * train_fraction)
 
 
 class SpacePlanMaker:

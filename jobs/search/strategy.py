@@ -1,13 +1,15 @@
 """Strategy: how much of the budget to explore, decided from what one model costs.
 
 A search pays only when it can try configs *and* still train the best of them to a finish.
-Where the budget holds fewer than `EXPLORE_MIN_MODELS` finished models of the best known config
-per trial slot (the default hour on two CPU cores holds about one), every explored epoch is an
-epoch the champion does not get: the search then *exploits*, training copies of the best known
-config with different seeds on every row for the whole budget (the baseline a user would run by
-hand, and an ensemble of its copies), with the coursework anchors in a short time box of one
-slot. Where the budget holds more (a GPU cluster, a small data set), it explores, and its final
-phase gets at least one model's time.
+The explore phase must hold the coursework anchors and the first rung of at least
+`EXPLORE_MIN_PROPOSALS` proposals besides the known-good CNN (which keeps a slot of its own
+while it leads); the final, one finished model of the best known config per slot. Where the
+budget holds less (the default hour on two CPU cores holds about one model per slot), every
+explored epoch is an epoch the champion does not get: the search then *exploits*, training
+copies of the best known config with different seeds on every row for the whole budget (the
+baseline a user would run by hand, and an ensemble of its copies), with the coursework anchors
+in a short time box of one slot. Where it holds more (a GPU cluster, a small data set against
+a long budget), it explores.
 """
 
 from __future__ import annotations
@@ -28,9 +30,10 @@ FIXED = layout.STRATEGY_FIXED
 # Epochs of every row the known-good recipe needs to finish on a cosine (17-20 epochs reached
 # 64-65 % PublicTest in the hour benchmarks; more epochs add little on a CPU budget).
 FINISH_EPOCHS = 20
-# Exploring pays from this many finished models per slot: one model's time for the final, at
-# least as much for trying configs.
-EXPLORE_MIN_MODELS = 2.0
+# Proposals whose first rung the explore phase must hold besides the anchors and the known-good
+# CNN: its neighbours and as many of TPE's own. Fewer, and the explore phase only re-ranks the
+# configs the final would train anyway (BENCHMARKS.md, search value, large regime).
+EXPLORE_MIN_PROPOSALS = 6
 # The final phase of an explored search gets at most this share (the rest explores).
 MAX_FINAL_SHARE = 0.8
 # What the coursework anchors (the matched DNN, SEED2017) get of one slot when the search
@@ -47,6 +50,8 @@ class Strategy:
     reason: str
     model_seconds: float = 0.0  # one finished model of the best known config, on one slot
     models_per_slot: float = 0.0  # the budget over model_seconds
+    # Exploring pays from this many models per slot: the final's one and the explore phase's.
+    explore_min_models: float = 0.0
     slots: int = 1
     # FIXED: exactly these plans ({"name", "model", "training"}), in order, on every row.
     plans: tuple[dict[str, Any], ...] = ()
@@ -74,6 +79,7 @@ class Strategy:
             layout.PARAM_STRATEGY_FINAL_SHARE: f"{self.final_share:.3f}",
             layout.PARAM_STRATEGY_MODEL_MINUTES: f"{self.model_seconds / 60:.1f}",
             layout.PARAM_STRATEGY_MODELS_PER_SLOT: f"{self.models_per_slot:.2f}",
+            layout.PARAM_STRATEGY_EXPLORE_MIN_MODELS: f"{self.explore_min_models:.2f}",
         }
 
 
@@ -86,9 +92,74 @@ def best_known_plan(settings: SearchSettings) -> TrialPlan:
     return TrialPlan(point["name"], point["model"], training)
 
 
+@dataclass(frozen=True)
+class ExploreCost:
+    """What the explore phase must hold before it pays, estimated from the calibration."""
+
+    seconds: float  # of one slot: the work below spread over the slots it runs on
+    words: str
+
+
+def explore_cost(
+    settings: SearchSettings, planner: Any, best_known: TrialPlan, slots: int
+) -> ExploreCost:
+    """The explore phase's least work: the coursework anchors (the matched DNN trained to its
+    end, SEED2017 to its first rung) and EXPLORE_MIN_PROPOSALS first rungs (fewer where
+    `num_samples` is) at the cost of `best_known`'s (its neighbours cost as much), on the slots
+    `best_known` leaves free: ASHA lets the leader train on, so with one slot its whole
+    explored run comes first."""
+    from jobs.proposals import SETUP_SECONDS
+    from jobs.scheduling import epochs_to_reach, grace_epochs, rung_images
+    from jobs.space import COURSEWORK_POINTS, UNRANKED_POINTS, fixed_points, parse_families
+
+    rung = rung_images(
+        grace_epochs(settings, settings.explore_fraction, planner.train_rows), planner.train_rows
+    )
+
+    def seconds(plan: TrialPlan, ranked: bool) -> float:
+        epochs = settings.max_epochs
+        if ranked:
+            epochs = min(epochs, epochs_to_reach(rung, planner.rows(plan.training)))
+        return SETUP_SECONDS + epochs * planner.place(plan).estimated_epoch_seconds
+
+    def explored(name: str, model: dict[str, Any], training: dict[str, Any]) -> TrialPlan:
+        fraction = {"train_fraction": settings.explore_fraction, "precision": settings.precision}
+        return TrialPlan(name, model, {**fraction, **training})
+
+    leader = explored(best_known.name, best_known.model, dict(best_known.training))
+    proposal_s = seconds(leader, ranked=True)
+    # What the explore phase starts first, as many as `num_samples` allows (explore.py).
+    points = fixed_points(parse_families(settings.families), settings.max_epochs, settings.seed)
+    points = points[: settings.num_samples]
+    anchors = {
+        point["name"]: seconds(
+            explored(point["name"], point["model"], point["training"]),
+            ranked=point["name"] not in UNRANKED_POINTS,
+        )
+        for point in points
+        if point["name"] in COURSEWORK_POINTS and point["name"] != best_known.name
+    }
+    proposals = min(EXPLORE_MIN_PROPOSALS, max(0, settings.num_samples - len(points)))
+    work = sum(anchors.values()) + proposals * proposal_s
+    if slots <= 1:
+        work += seconds(leader, ranked=False)
+    free = max(1, slots - 1)
+    parts = ", ".join(f"{name} {s / 60:.1f}" for name, s in anchors.items())
+    words = (
+        f"the explore phase needs {work / free / 60:.1f} min of a slot: "
+        f"{proposals} first rung{'s' if proposals != 1 else ''} of {proposal_s / 60:.1f} min"
+        + (f", the anchors ({parts} min)" if parts else "")
+        + (f", {best_known.name}'s explored run first" if slots <= 1 else "")
+        + f", on {free} slot{'s' if free != 1 else ''}"
+        + (f" ({best_known.name} keeps one)" if slots > 1 else "")
+    )
+    return ExploreCost(work / free, words)
+
+
 def decide(settings: SearchSettings, planner: Any, best_known: TrialPlan, slots: int) -> Strategy:
     """Explore or exploit, from the time `best_known` takes to finish on every row on one slot
-    (the planner's estimate from the calibration) against the budget.
+    (the planner's estimate from the calibration) against the budget: exploring pays from one
+    such model per slot for the final plus the explore phase's least work (`explore_cost`).
 
     `settings.strategy` other than "auto" forces the kind; the numbers are recorded either way.
     A search without time estimates (the calibration failed) explores, as it always did.
@@ -97,29 +168,45 @@ def decide(settings: SearchSettings, planner: Any, best_known: TrialPlan, slots:
     full = TrialPlan(
         best_known.name, best_known.model, {**best_known.training, "train_fraction": 1.0}
     )
-    epoch_s = planner.place(full).estimated_epoch_seconds if planner.calibration else 0.0
+    timed = planner.calibration is not None
+    epoch_s = planner.place(full).estimated_epoch_seconds if timed else 0.0
     model_s = epoch_s * min(FINISH_EPOCHS, settings.max_epochs)
     per_slot = total_s / model_s if model_s > 0 else float("inf")
-    numbers = (
-        f"one {best_known.name} model ({min(FINISH_EPOCHS, settings.max_epochs)} epochs of "
-        f"every row at {epoch_s:.0f} s) takes {model_s / 60:.1f} min of a slot; the "
-        f"{settings.time_budget_min:g}-minute budget holds {per_slot:.2f} per slot "
-        f"({slots} slot{'s' if slots != 1 else ''}); exploring pays from {EXPLORE_MIN_MODELS:g}"
-    )
-    if model_s <= 0:
+    if model_s > 0:
+        cost = explore_cost(settings, planner, best_known, slots)
+        min_models = 1.0 + cost.seconds / model_s
+        numbers = (
+            f"one {best_known.name} model ({min(FINISH_EPOCHS, settings.max_epochs)} epochs of "
+            f"every row at {epoch_s:.0f} s) takes {model_s / 60:.1f} min of a slot; the "
+            f"{settings.time_budget_min:g}-minute budget holds {per_slot:.2f} per slot "
+            f"({slots} slot{'s' if slots != 1 else ''}); exploring pays from {min_models:.2f} "
+            f"({cost.words}, and one model for the final)"
+        )
+    else:
+        cost, min_models = ExploreCost(0.0, ""), 0.0
         numbers = "no time estimate (no calibration)"
     if settings.strategy == "auto":
-        kind = EXPLORE if per_slot >= EXPLORE_MIN_MODELS else EXPLOIT
+        kind = EXPLORE if per_slot >= min_models else EXPLOIT
         why = numbers
     else:
         kind = settings.strategy
         why = f"strategy={kind} was asked for; {numbers}"
     final_share = 1.0
     if kind == EXPLORE:
-        needed = model_s / total_s if total_s > 0 else 0.0
-        final_share = min(MAX_FINAL_SHARE, max(settings.final_budget_share, needed))
-        if settings.final_budget_share == 0:
-            final_share = 0.0  # asked for: no final phase
-    strategy = Strategy(kind, final_share, why, model_s, min(per_slot, 1e6), slots)
+        final_share = _final_share(settings, model_s, cost.seconds, total_s)
+    strategy = Strategy(
+        kind, final_share, why, model_s, min(per_slot, 1e6), slots, explore_min_models=min_models
+    )
     log.info("strategy: %s (final %.0f %% of the budget): %s", kind, final_share * 100, why)
     return strategy
+
+
+def _final_share(
+    settings: SearchSettings, model_s: float, explore_s: float, total_s: float
+) -> float:
+    """The final's share of an explored budget: `final_budget_share`, less where the explore
+    phase needs more, but at least one model's time (at most MAX_FINAL_SHARE); 0 where asked."""
+    if settings.final_budget_share == 0 or total_s <= 0:
+        return 0.0
+    wanted = min(settings.final_budget_share, 1.0 - explore_s / total_s)
+    return min(MAX_FINAL_SHARE, max(wanted, model_s / total_s))

@@ -2,7 +2,8 @@
 
 A new search of the same data (content digest, share of the rows and, for a share, the seed
 that drew it) and the same space (`jobs.space.space_digest`) starts from the explored trials
-of earlier searches in its experiment at the same fidelity (`train_fraction`): the model-based
+of earlier searches in its experiment at the same fidelity (`train_fraction`, and for a trial
+on a cosine rate `max_epochs`): the model-based
 searcher is told them as evaluated, and the best of them is the first point it trains
 (jobs/search/explore.py). The tracking store is the memory: nothing else is kept.
 
@@ -82,6 +83,8 @@ class MemoryQuery:
     families: tuple[str, ...]  # the searched families (jobs.space.Space's)
     train_fraction: float  # the explored trials' fidelity
     min_epochs: int  # the first rung: a trial stopped earlier says little of its config
+    # A trial on a cosine rate decays over its max_epochs: reused only with the same (0: any).
+    max_epochs: int = 0
 
 
 def recall(client: Any, query: MemoryQuery) -> Memory:
@@ -167,6 +170,12 @@ def past_trial(run: Any, query: MemoryQuery) -> PastTrial | None:
         return None
     if epochs < query.min_epochs or not math.isclose(fraction, query.train_fraction, rel_tol=1e-9):
         return None
+    if (
+        query.max_epochs
+        and training.get("lr_schedule") == "cosine"
+        and training.get("max_epochs") != query.max_epochs
+    ):
+        return None  # its rate stood elsewhere at the same epoch
     point = point_from_config(model, training, query.families)
     if point is None:
         return None
