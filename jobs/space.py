@@ -54,9 +54,10 @@ KNOWN_GOOD_CNN: dict[str, Any] = {
 FAST_CNN_SCHEDULE = KNOWN_GOOD_CNN["training.lr_schedule"]
 # The first proposals after the known-good CNN (or the best config of earlier searches): the same
 # model, more strongly regularised, as the model-based searcher's start-up points in place of
-# random ones. On fewer rows, or with more epochs than a CPU hour gives, the known-good recipe's
-# light regularisation overfits; these cost what it costs per epoch, where TPE's random points
-# of the whole space cost 2-8x more (BENCHMARKS.md, search value, large regime).
+# random ones. Its light regularisation won at 20 epochs of every row (the recipes benchmark);
+# on fewer rows or over more epochs, heavier is the likely gain. They cost what it costs per
+# epoch, where TPE's random points of the whole space cost 2-8x more (BENCHMARKS.md, search
+# value, large regime).
 NEIGHBOURS: dict[str, dict[str, Any]] = {
     "crop": {"cnn.augmentation": "crop", "cnn.dropout": 0.3},
     "smooth": {"training.label_smoothing": 0.1, "cnn.dropout": 0.3},
