@@ -50,9 +50,9 @@ class Strategy:
     reason: str
     model_seconds: float = 0.0  # one finished model of the best known config, on one slot
     models_per_slot: float = 0.0  # the budget over model_seconds
+    slots: int = 1
     # Exploring pays from this many models per slot: the final's one and the explore phase's.
     explore_min_models: float = 0.0
-    slots: int = 1
     # FIXED: exactly these plans ({"name", "model", "training"}), in order, on every row.
     plans: tuple[dict[str, Any], ...] = ()
 
