@@ -60,6 +60,13 @@ class Planner:
         """The training rows a trial of `training` sees (its `train_fraction` of them)."""
         return max(1, round(self.train_rows * float(training.get("train_fraction", 1.0))))
 
+    def rung_epochs(self, grace_epochs: float, training: dict[str, Any]) -> int:
+        """The epochs a trial of `training` trains to reach a first rung of `grace_epochs`
+        full-data epochs' worth of images (at most its max_epochs): more, the fewer rows it
+        sees."""
+        rung = rung_images(grace_epochs, self.train_rows)
+        return min(epochs_to_reach(rung, self.rows(training)), int(training["max_epochs"]))
+
     @property
     def overhead(self) -> Any:
         """What a trial holds besides its model's step (jobs.resources.TrialOverhead): the
@@ -285,9 +292,7 @@ class PlacingSearcher(Searcher):
     def rung_epochs(self, training: dict[str, Any]) -> int:
         """The epochs a trial of `training` trains to reach the first rung (at most its
         max_epochs): more, the fewer rows it sees."""
-        rows = self.planner.rows(training)
-        epochs = epochs_to_reach(rung_images(self.grace_epochs, self.planner.train_rows), rows)
-        return min(epochs, int(training["max_epochs"]))
+        return self.planner.rung_epochs(self.grace_epochs, training)
 
     def _time_check(self, placed: PlacedTrial) -> PlacedTrial:
         if placed.estimated_epoch_seconds <= 0:

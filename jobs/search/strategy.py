@@ -109,17 +109,15 @@ def explore_cost(
     `best_known` leaves free: ASHA lets the leader train on, so with one slot its whole
     explored run comes first."""
     from jobs.proposals import SETUP_SECONDS
-    from jobs.scheduling import epochs_to_reach, grace_epochs, rung_images
+    from jobs.scheduling import grace_epochs
     from jobs.space import COURSEWORK_POINTS, UNRANKED_POINTS, fixed_points, parse_families
 
-    rung = rung_images(
-        grace_epochs(settings, settings.explore_fraction, planner.train_rows), planner.train_rows
-    )
+    grace = grace_epochs(settings, settings.explore_fraction, planner.train_rows)
 
     def seconds(plan: TrialPlan, ranked: bool) -> float:
-        epochs = settings.max_epochs
+        epochs = int(plan.training["max_epochs"])  # the fixed points': settings.max_epochs
         if ranked:
-            epochs = min(epochs, epochs_to_reach(rung, planner.rows(plan.training)))
+            epochs = planner.rung_epochs(grace, plan.training)
         return SETUP_SECONDS + epochs * planner.place(plan).estimated_epoch_seconds
 
     def explored(name: str, model: dict[str, Any], training: dict[str, Any]) -> TrialPlan:
