@@ -50,7 +50,63 @@ def test_the_recipes_compared_are_the_known_good_cnn_with_fields_replaced() -> N
     older = recipe_config("strong-dropout-0.3")
     assert older.dropout == 0.3 and older.augmentation.rotation > 0
     assert older.filters == FAST_CNN.filters
-    configs = [recipe_config(name) for name in RECIPES]
-    assert all(a != b for i, a in enumerate(configs) for b in configs[i + 1 :])
+    # Every recipe trains something else: its model, its training fields or its seed.
+    recipes = [(recipe_config(name), RECIPES[name]) for name in RECIPES]
+    assert all(
+        a[0] != b[0] or a[1].training != b[1].training or a[1].seed_offset != b[1].seed_offset
+        for i, a in enumerate(recipes)
+        for b in recipes[i + 1 :]
+    )
     with pytest.raises(ValueError, match="fast-cnn"):
         recipe_config("vgg")
+
+
+def test_the_neighbour_recipes_are_the_searchs_first_proposals() -> None:
+    from bench.bench_recipes import RECIPES, recipe_config
+    from jobs.space import KNOWN_GOOD_CNN, NEIGHBOURS, model_from_params, neighbours
+
+    assert {f"neighbour-{suffix}" for suffix in NEIGHBOURS} <= set(RECIPES)
+    for suffix, point in neighbours(KNOWN_GOOD_CNN):
+        name = f"neighbour-{suffix}"
+        assert recipe_config(name) == model_from_params({**point, "family": "cnn"})
+        assert RECIPES[name].training.get("label_smoothing", 0.0) == float(
+            point["training.label_smoothing"]
+        )
+    assert RECIPES["neighbour-smooth"].training == {"label_smoothing": 0.1}
+
+
+def test_a_pair_of_recipes_is_scored_as_the_searchs_ensemble_gain() -> None:
+    import numpy as np
+    import pytest
+
+    from bench.bench_recipes import pair_table
+    from bench.value_baseline import report_accuracy
+    from schema.run import Predictions
+
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(7), 40)
+    right = np.eye(7, dtype=np.float32)[labels]
+    wrong = np.eye(7, dtype=np.float32)[(labels + 1) % 7]
+
+    # Two models, each right on a different random 60 % of the rows: together (sure where
+    # one is right and the other unsure) they are right more often than either.
+    def model(right_rows: np.ndarray) -> Predictions:
+        sure = np.where(right_rows[:, None], 0.7 * right + 0.3 / 7, 0.4 * wrong + 0.6 / 7)
+        return Predictions(sure, sure, labels, epoch=1)
+
+    a = model(rng.random(labels.size) < 0.6)
+    b = model(rng.random(labels.size) < 0.6)
+    table = pair_table({"a": a, "b": b, "a-again": a}, seed=2017)
+    assert [row["members"] for row in table][0] in (["a", "b"], ["a-again", "b"])
+    pair = next(row for row in table if row["members"] == ["a", "b"])
+    alone = [report_accuracy(p.probabilities, labels, 2017) for p in (a, b)]
+    assert pair["report_members"] == [round(x, 4) for x in alone]
+    assert pair["gain_points"] == round(100 * (pair["report_accuracy"] - max(alone)), 2)
+    assert pair["gain_points"] > 5
+    # A copy of one model gains nothing (its flips are its own here).
+    copy = next(row for row in table if row["members"] == ["a", "a-again"])
+    assert copy["gain_points"] == 0.0
+    with pytest.raises(ValueError, match="other validation rows"):
+        pair_table({"a": a, "c": Predictions(a.probabilities, a.probabilities, labels[::-1], 1)}, 1)
+    with pytest.raises(ValueError, match="at least 2"):
+        pair_table({"a": a}, 2017)
