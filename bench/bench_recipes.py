@@ -34,7 +34,15 @@ from typing import Any
 
 import numpy as np
 
-from jobs.space import AUGMENTATIONS, KNOWN_GOOD_CNN, model_from_params, neighbours
+from jobs.space import (
+    AUGMENTATIONS,
+    FAST_CNN,
+    KNOWN_GOOD_CNN,
+    model_from_params,
+    neighbours,
+    training_from_params,
+)
+from model.configs import config_to_dict
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "recipes.json"
@@ -53,9 +61,6 @@ class Recipe:
 
 def _neighbour_recipes() -> dict[str, Recipe]:
     """The known-good point's NEIGHBOURS as recipes: their model and training fields."""
-    from jobs.space import FAST_CNN, training_from_params
-    from model.configs import config_to_dict
-
     base_model = config_to_dict(FAST_CNN)
     base_training = training_from_params(KNOWN_GOOD_CNN, 1, 0)
     found = {}
