@@ -1,6 +1,7 @@
 """The main job: a search, then the viz of its best run (MLproject's `main` entry point).
 
-python -m pipeline --data fer2013.csv.gz --num-samples 4 --max-epochs 2 --data-fraction 0.03
+python -m pipeline --data fer2013.csv.gz --num-samples 4 --max-epochs 2 --final-max-epochs 2 \
+    --data-fraction 0.03
 
 It chains `jobs/` and `viz/` from above both, so neither imports the other.
 """

@@ -42,7 +42,12 @@ class SearchSettings:
     data: str = "data/fer2013.csv"
     families: str = "cnn,dnn"
     num_samples: int = 100  # the most trials explored; the time budget usually binds first
-    max_epochs: int = 30
+    max_epochs: int = 30  # the most epochs an explored trial trains
+    # The most epochs a final trial trains. A final plans its epochs on its clock so that its
+    # cosine ends with the budget; as for a user training by hand (bench/value_baseline.py),
+    # the budget decides, not this cap. On few rows or a fast worker `max_epochs` would stop
+    # it with most of its time unused.
+    final_max_epochs: int = 300
     time_budget_min: float = 60.0
     data_fraction: float = 1.0
     seed: int = 2017
@@ -80,6 +85,9 @@ class SearchSettings:
     register: bool = True
 
     def __post_init__(self) -> None:
+        for name in ("max_epochs", "final_max_epochs"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: expected >= 1, got {getattr(self, name)}")
         if self.min_rung_images < 0:
             raise ValueError(f"min_rung_images: expected >= 0, got {self.min_rung_images}")
         if not 0 < self.explore_fraction <= 1:

@@ -230,7 +230,7 @@ def test_final_plans_train_the_best_configs_to_the_end_of_the_time_left() -> Non
         _explored("dnn-c", 0.30, 1024, planner),
         _explored("dnn-b-again", 0.42, 512, planner),  # the same config: trained once
     ]
-    settings = SearchSettings(max_epochs=30, final_trials=2)
+    settings = SearchSettings(max_epochs=30, final_max_epochs=200, final_trials=2)
     explored = {g.config["plan"]: g.config["trial"] for g in grid}
 
     plans = final_plans(settings, grid, planner, seconds_left=600.0, slots=2)
@@ -244,8 +244,9 @@ def test_final_plans_train_the_best_configs_to_the_end_of_the_time_left() -> Non
         assert plan.warm_start == f"/tune/{base['name']}/checkpoint_000005"
         assert plan.training["train_fraction"] == 1.0
         assert plan.training["lr_schedule"] == "cosine"
-        # Epochs up to max_epochs, planned by the trial on its clock within the time left.
-        assert plan.training["max_epochs"] == 30
+        # Epochs up to final_max_epochs (not the explored trials' max_epochs), planned by the
+        # trial on its clock within the time left.
+        assert plan.training["max_epochs"] == 200
         assert plan.training["time_budget_s"] == pytest.approx(600 * FINAL_FILL - SETUP_SECONDS)
     # Whether an epoch fits: the explored trial took 2 s an epoch on a quarter of the rows,
     # against its estimate, and the full-data estimate is scaled by the same ratio.
@@ -293,6 +294,8 @@ def test_a_final_trial_starts_from_the_explored_weights(tmp_path: Path) -> None:
 def test_settings_refuse_shares_outside_their_range() -> None:
     with pytest.raises(ValueError, match="final_budget_share"):
         SearchSettings(final_budget_share=1.0)
+    with pytest.raises(ValueError, match="final_max_epochs: expected >= 1"):
+        SearchSettings(final_max_epochs=0)
     with pytest.raises(ValueError, match="explore_fraction"):
         SearchSettings(explore_fraction=0.0)
 

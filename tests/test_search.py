@@ -461,7 +461,8 @@ def test_the_final_trains_the_best_config_until_its_share_of_the_budget_is_spent
         data=str(data),
         families="dnn",
         num_samples=3,
-        max_epochs=1000,  # the cap: the clock binds first
+        max_epochs=1000,
+        final_max_epochs=1000,  # the cap: the clock binds first
         # The calibration and Ray's start-up come out of the budget first: a minute of it on
         # a busy 2-core machine.
         time_budget_min=4.0,
@@ -482,7 +483,7 @@ def test_the_final_trains_the_best_config_until_its_share_of_the_budget_is_spent
     assert final.info.run_name.endswith("-final")
     assert final.data.tags[layout.TAG_STATUS] == "finished", final.data.tags
     epochs = int(final.data.tags[layout.TAG_EPOCHS_DONE])
-    assert 1 <= epochs < settings.max_epochs
+    assert 1 <= epochs < settings.final_max_epochs
     budget_s = float(final.data.params["time_budget_s"])
     assert 0 < budget_s < 120  # its share, less the margin and the setup
     trained_s = (final.info.end_time - final.info.start_time) / 1000
@@ -513,7 +514,8 @@ def test_an_exploiting_search_trains_seeded_copies_and_boxes_the_anchors(
     settings = SearchSettings(
         data=str(data),
         families="cnn,dnn",
-        max_epochs=1000,  # the clock binds first
+        max_epochs=1000,
+        final_max_epochs=1000,  # the clock binds first
         time_budget_min=4,
         strategy="exploit",
         cpus_per_trial=1,

@@ -177,8 +177,12 @@ def test_exploit_trains_seeded_copies_on_every_row_and_boxes_the_coursework_anch
         assert copy.training["time_budget_s"] == round(seconds_left * FINAL_FILL - SETUP_SECONDS, 1)
         assert copy.model == best_known_plan(settings).model
         assert copy.phase == layout.PHASE_FINAL and not copy.warm_start
+        # The budget decides a copy's epochs: its cap is the final's, not an explored trial's.
+        assert copy.training["max_epochs"] == settings.final_max_epochs > settings.max_epochs
     anchors = [plan for plan in plans if plan.name in COURSEWORK_POINTS]
     assert {plan.training["time_budget_s"] for plan in anchors} == {3600 * COURSEWORK_SHARE}
+    # The anchors are trained for the coursework comparison in their box, to max_epochs.
+    assert {plan.training["max_epochs"] for plan in anchors} == {settings.max_epochs}
 
 
 def test_a_plan_that_waited_for_a_slot_still_ends_with_the_budget() -> None:

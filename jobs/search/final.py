@@ -154,6 +154,7 @@ def exploit_plans(settings: SearchSettings, seconds_left: float, slots: int) -> 
             **best.training,
             "train_fraction": 1.0,
             "lr_schedule": "cosine",
+            "max_epochs": settings.final_max_epochs,
             "seed": int(best.training["seed"]) + copy,
             "time_budget_s": budget_s,
         }
@@ -189,7 +190,7 @@ def _final_plan(
         **explored.plan.training,
         "train_fraction": 1.0,
         "lr_schedule": "cosine",
-        "max_epochs": settings.max_epochs,
+        "max_epochs": settings.final_max_epochs,
         "seed": int(explored.plan.training["seed"]) + copy,
     }
     full = planner.place(TrialPlan(explored.plan.name, explored.plan.model, training, FINAL))
@@ -203,7 +204,7 @@ def _final_plan(
     low, high = CORRECTION_RANGE
     per_epoch = full.estimated_epoch_seconds / correction * min(max(ratio, low), high)
     budget_s = seconds_left * FINAL_FILL - SETUP_SECONDS
-    epochs = settings.max_epochs
+    epochs = settings.final_max_epochs
     if per_epoch > 0:
         epochs = min(epochs, int(budget_s // per_epoch))
     if epochs < 1:
