@@ -34,11 +34,20 @@ OVER_BUDGET = layout.STATUS_OVER_BUDGET
 # A trial's start-up before its first epoch (Ray actor, TF import, data, model build): about
 # 8 s on a laptop core (BENCHMARKS.md, "trial overhead"); kept generous.
 SETUP_SECONDS = 20.0
+# The least a trial that fills the time left keeps back, whatever its share: on a short budget
+# a share is a few seconds, less than Tune's own start of a phase on a busy machine.
+MIN_MARGIN_SECONDS = 15.0
 # Proposals refused one after another before the searcher gives up (the time left is then
 # too short for anything it proposes, or the space does not fit the workers).
 MAX_REFUSALS_IN_A_ROW = 8
 # What a refused-for-memory proposal scores for the model-based searcher: the worst accuracy.
 REFUSED_SCORE = 0.0
+
+
+def training_seconds(left: float, fill: float) -> float:
+    """What a trial may spend training in `left` seconds: `fill` of them, at least
+    MIN_MARGIN_SECONDS short of them, less its start-up."""
+    return min(left * fill, left - MIN_MARGIN_SECONDS) - SETUP_SECONDS
 
 
 @dataclass
@@ -177,8 +186,8 @@ class PlacingSearcher(Searcher):
     images (jobs/scheduling.py): a proposal whose setup plus the epochs of its own share of the
     rows that take it there, at its estimated epoch time, exceeds the time left (or its own
     `time_budget_s`) is not started. Each started trial's measured epochs correct the planner's
-    later estimates. With `fill` > 0, a plan's `time_budget_s` is cut, when it starts, to that
-    share of the time left less its setup: a plan that waited for a slot still ends with the
+    later estimates. With `fill` > 0, a plan's `time_budget_s` is cut, when it starts, to what
+    `training_seconds` gives of the time left: a plan that waited for a slot still ends with the
     budget.
     """
 
@@ -283,7 +292,7 @@ class PlacingSearcher(Searcher):
         box = float(plan.training.get("time_budget_s", 0) or 0)
         if self.fill <= 0 or box <= 0:
             return plan
-        fits = round(self.clock.left() * self.fill - SETUP_SECONDS, 1)
+        fits = round(training_seconds(self.clock.left(), self.fill), 1)
         if fits >= box:
             return plan
         training = {**plan.training, "time_budget_s": max(fits, 0.0)}

@@ -14,7 +14,14 @@ import pytest
 from ray.tune.search import Searcher
 
 from jobs.plan import PlacedTrial
-from jobs.proposals import OVER_BUDGET, SETUP_SECONDS, PlacingSearcher, Planner, ProposalClock
+from jobs.proposals import (
+    MIN_MARGIN_SECONDS,
+    OVER_BUDGET,
+    SETUP_SECONDS,
+    PlacingSearcher,
+    Planner,
+    ProposalClock,
+)
 from jobs.resources import MIB, WorkerBudget
 from jobs.scheduling import RUNG_TOLERANCE, ImageRungASHA, grace_epochs, rung_images
 from jobs.search.explore import SpacePlanMaker
@@ -313,6 +320,9 @@ def test_the_final_phase_scales_its_estimate_once_by_what_its_explored_trial_mea
     full = SpacePlanMaker(30, 0, 1.0)(_cnn(16), "full")
     truth = _planner(MACHINE).place(full).estimated_epoch_seconds
     for epochs, fits in ((0.8, False), (1.2, True)):
-        seconds = (SETUP_SECONDS + epochs * truth) / FINAL_FILL
+        seconds = max(
+            (SETUP_SECONDS + epochs * truth) / FINAL_FILL,
+            SETUP_SECONDS + epochs * truth + MIN_MARGIN_SECONDS,
+        )
         found = final_plans(settings, grid, planner, seconds_left=seconds, slots=1)
         assert bool(found) is fits, epochs

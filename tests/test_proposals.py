@@ -14,12 +14,14 @@ from ray.tune.search import Searcher
 from jobs.plan import PlacedTrial, TrialPlan
 from jobs.proposals import (
     DOES_NOT_FIT,
+    MIN_MARGIN_SECONDS,
     OVER_BUDGET,
     REFUSED_SCORE,
     SETUP_SECONDS,
     PlacingSearcher,
     Planner,
     ProposalClock,
+    training_seconds,
 )
 from jobs.resources import GIB, MIB, WorkerBudget
 from jobs.search.explore import (
@@ -28,7 +30,7 @@ from jobs.search.explore import (
     _explore_searcher,
     explore_fraction,
 )
-from jobs.search.final import FINAL_FILL, final_plans
+from jobs.search.final import FINAL_FILL, FINAL_MAX_GAP, final_plans
 from jobs.settings import SearchSettings
 from jobs.space import (
     FAST_CNN,
@@ -39,6 +41,7 @@ from jobs.space import (
 )
 from jobs.timing import Calibration
 from model.configs import config_to_dict
+from schema import run as layout
 
 
 class Recorder:
@@ -254,7 +257,7 @@ def test_final_plans_train_the_best_configs_to_the_end_of_the_time_left() -> Non
     ratio = 2.0 / best["estimated_epoch_seconds"]
     full = planner.place(plans[0]).estimated_epoch_seconds * ratio
     for epochs, fits in ((0.9, False), (1.1, True)):
-        seconds = (SETUP_SECONDS + epochs * full) / FINAL_FILL
+        seconds = _seconds_left_to_train(epochs * full)
         found = final_plans(settings, grid, planner, seconds_left=seconds, slots=1)
         assert bool(found) is fits, epochs
     # One slot: only the best; no time for an epoch: none.
@@ -269,6 +272,75 @@ def test_final_plans_train_the_best_configs_to_the_end_of_the_time_left() -> Non
     # The copy is another trajectory: from scratch, not from the explored weights.
     assert twice[0].warm_start and twice[0].warm_start_from == "dnn-b"
     assert twice[1].warm_start == "" and twice[1].warm_start_from == ""
+
+
+def test_a_final_slot_goes_to_a_config_close_to_the_best_after_the_same_images() -> None:
+    """A trial the first rung stopped is compared with the best trial at that rung, not after
+    all the best one's epochs: it takes the second final slot within FINAL_MAX_GAP there."""
+    import pandas as pd
+
+    from jobs.scheduling import grace_epochs, rung_images
+
+    planner = _planner(1e6, Calibration(100.0, 1e10, 1, 1.0))
+    settings = SearchSettings(max_epochs=30, final_trials=2)
+    rung = rung_images(
+        grace_epochs(settings, settings.explore_fraction, planner.train_rows), planner.train_rows
+    )
+    per_epoch = planner.rows({"train_fraction": 0.25})
+    epochs = range(1, 31)
+    # The best trial learns a point an epoch to 0.55 after 30 epochs.
+    history = pd.DataFrame(
+        {
+            layout.METRIC_IMAGES_SEEN: [e * per_epoch for e in epochs],
+            "val_accuracy": [0.25 + 0.01 * e for e in epochs],
+        }
+    )
+    at_rung = float(history[history[layout.METRIC_IMAGES_SEEN] <= rung]["val_accuracy"].max())
+    leader = _explored("dnn-b", 0.55, 512, planner)
+    leader.metrics_dataframe = history
+    stopped_at_rung = _explored("dnn-a", at_rung - 0.02, 256, planner)
+    stopped_at_rung.metrics[layout.METRIC_IMAGES_SEEN] = rung
+    far_behind = _explored("dnn-c", at_rung - 0.10, 1024, planner)
+    far_behind.metrics[layout.METRIC_IMAGES_SEEN] = rung
+    assert at_rung - 0.02 < 0.55 - FINAL_MAX_GAP  # against the best's last epochs: no slot
+
+    plans = final_plans(settings, [far_behind, stopped_at_rung, leader], planner, 600.0, slots=2)
+
+    assert [p.name for p in plans] == ["dnn-b-final", "dnn-a-final"]
+    assert plans[1].warm_start_from == "dnn-a"  # it goes on from its rung's weights
+    # Before the rung a trial has not shown how it learns: measured against the best's best.
+    early = _explored("dnn-a", 0.27, 256, planner)
+    early.metrics[layout.METRIC_IMAGES_SEEN] = per_epoch
+    plans = final_plans(settings, [early, leader], planner, 600.0, slots=2)
+    assert [p.name for p in plans] == ["dnn-b-final", "dnn-b-final-2"]
+
+
+def _seconds_left_to_train(training_s: float) -> float:
+    """The time left in which a final trial may train `training_s` seconds."""
+    return max(
+        (training_s + SETUP_SECONDS) / FINAL_FILL, training_s + SETUP_SECONDS + MIN_MARGIN_SECONDS
+    )
+
+
+def test_a_trial_that_fills_the_time_left_keeps_a_margin_in_seconds_on_a_short_budget() -> None:
+    # An hour's final: the share binds (5 % of 1800 s is 90 s kept back).
+    assert training_seconds(1800.0, FINAL_FILL) == pytest.approx(1800 * FINAL_FILL - SETUP_SECONDS)
+    # A minute and a quarter (a smoke search's final): 5 % would be under 4 s, less than Tune
+    # takes to start the phase on a busy machine; the floor in seconds binds.
+    short = training_seconds(75.0, FINAL_FILL)
+    assert short == pytest.approx(75.0 - MIN_MARGIN_SECONDS - SETUP_SECONDS)
+    assert short < 75.0 * FINAL_FILL - SETUP_SECONDS
+    for left in (30.0, 75.0, 300.0, 1800.0):
+        assert _seconds_left_to_train(training_seconds(left, FINAL_FILL)) == pytest.approx(left)
+    # The same rule cuts the box of a plan that waited for its slot, when it starts.
+    (point,) = [p for p in fixed_points(("dnn",), 30, 2017) if p["name"] == "dnn-matched"]
+    training = {**point["training"], "train_fraction": 1.0, "time_budget_s": 1000.0}
+    plan = TrialPlan("late", point["model"], training, "final")
+    searcher = PlacingSearcher(
+        _planner(2e9), [plan], Recorder(), ProposalClock(75.0), fill=FINAL_FILL
+    )
+    config = searcher.suggest("t0")
+    assert config["trial"]["training"]["time_budget_s"] == pytest.approx(round(short, 1))
 
 
 def test_a_final_trial_starts_from_the_explored_weights(tmp_path: Path) -> None:

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from jobs.plan import FINAL, TrialPlan, placed_from_config
-from jobs.proposals import SETUP_SECONDS, PlacingSearcher, Planner, ProposalClock
+from jobs.proposals import PlacingSearcher, Planner, ProposalClock, training_seconds
+from jobs.scheduling import grace_epochs, rung_images
 from jobs.search.context import FINAL_SUFFIX, SearchContext, slots
 from jobs.search.explore import ExploreResult
 from jobs.search.strategy import EXPLOIT
@@ -26,12 +27,14 @@ from jobs.timing import CORRECTION_RANGE
 from jobs.tracking.queue import drain_seconds
 from jobs.tracking.refusals import RefusalRecorder
 from jobs.tracking.trials import MLflowTrialLogger
+from schema import run as layout
 
 log = logging.getLogger("jobs.search")
 # The final trials' epochs fill this share of the time left. They plan their epochs on their
 # measured epoch time, so the rest is a margin for the last epoch's spread and the ensemble.
 FINAL_FILL = 0.95
-# A final slot goes to another config only within this of the best explored accuracy.
+# A final slot goes to another config only within this of the best explored trial's accuracy
+# after the same images.
 FINAL_MAX_GAP = 0.05
 
 
@@ -102,10 +105,13 @@ def final_plans(
     epochs as fit in the time left (planned again after each epoch on its measured time), on a
     cosine schedule that ends on the last of them.
 
-    The slots go to distinct configs within FINAL_MAX_GAP of the best; a slot left over trains
-    the best config again from scratch with another seed (a second model of the best config is
-    worth more than a config ten points worse, and an independent one more to the ensemble
-    than a second run from the same weights).
+    The best explored trial takes the first slot. The others go to distinct configs within
+    FINAL_MAX_GAP of it after the same images: a trial the first rung stopped is compared with
+    where the best one stood at that rung, not with where it stood after all its epochs (at the
+    rung the more regularised configs trail, and they are the ones that gain on a long final).
+    A slot left over trains the best config again from scratch with another seed (a second
+    model of the best config is worth more than a config ten points worse, and an independent
+    one more to the ensemble than a second run from the same weights).
     """
     from jobs.space import COURSEWORK_POINTS
 
@@ -117,16 +123,34 @@ def final_plans(
         if result.config["plan"] in COURSEWORK_POINTS:
             continue  # trained for the coursework comparison, not a candidate
         ranked.append((float(metrics["best_val_accuracy"]), result))
+    if not ranked:
+        return []
     ranked.sort(key=lambda pair: -pair[0])
+    leader_accuracy, leader = ranked[0]
+    first_rung = rung_images(
+        grace_epochs(settings, settings.explore_fraction, planner.train_rows), planner.train_rows
+    )
+    behind = [(0.0, leader)] + sorted(
+        (
+            (_par(leader, leader_accuracy, result, first_rung) - accuracy, result)
+            for accuracy, result in ranked[1:]
+        ),
+        key=lambda pair: pair[0],
+    )
     wanted = min(settings.final_trials, slots)
     picks: list[tuple[Any, int]] = []  # (explored result, copy number)
     seen: set[str] = set()
-    for accuracy, result in ranked:
+    for gap, result in behind:
         explored = placed_from_config(result.config)
         key = json.dumps([explored.plan.model, _without_fidelity(explored.plan.training)])
-        if len(picks) < wanted and key not in seen and accuracy >= ranked[0][0] - FINAL_MAX_GAP:
+        if len(picks) < wanted and key not in seen and gap <= FINAL_MAX_GAP:
             seen.add(key)
             picks.append((result, 0))
+            log.info(
+                "final: a slot for %s, %.3f behind the best explored after the same images",
+                explored.plan.name,
+                gap,
+            )
     while picks and len(picks) < wanted:
         picks.append((picks[0][0], len(picks)))
     chosen = []
@@ -135,6 +159,19 @@ def final_plans(
         if plan is not None:
             chosen.append(plan)
     return chosen
+
+
+def _par(leader: Any, leader_accuracy: float, result: Any, first_rung: int) -> float:
+    """The accuracy `result` is measured against: the leader's best after as many images as
+    `result` saw, where `result` reached the first rung and the leader's epochs are at hand;
+    the leader's best over all its epochs otherwise (a trial that stopped before the rung has
+    not shown how it learns)."""
+    images = float((result.metrics or {}).get(layout.METRIC_IMAGES_SEEN, 0) or 0)
+    history = getattr(leader, "metrics_dataframe", None)
+    if images < first_rung or history is None or layout.METRIC_IMAGES_SEEN not in history:
+        return leader_accuracy
+    before = history[history[layout.METRIC_IMAGES_SEEN] <= images]["val_accuracy"]
+    return float(before.max()) if len(before) else leader_accuracy
 
 
 def exploit_plans(settings: SearchSettings, seconds_left: float, slots: int) -> list[TrialPlan]:
@@ -147,7 +184,7 @@ def exploit_plans(settings: SearchSettings, seconds_left: float, slots: int) -> 
     from jobs.space import COURSEWORK_POINTS, fixed_points, parse_families
 
     best = best_known_plan(settings)
-    budget_s = round(seconds_left * FINAL_FILL - SETUP_SECONDS, 1)
+    budget_s = round(training_seconds(seconds_left, FINAL_FILL), 1)
     copies = []
     for copy in range(max(1, slots)):
         training = {
@@ -203,7 +240,7 @@ def _final_plan(
     ratio = measured / estimated if estimated > 0 and measured > 0 else correction
     low, high = CORRECTION_RANGE
     per_epoch = full.estimated_epoch_seconds / correction * min(max(ratio, low), high)
-    budget_s = seconds_left * FINAL_FILL - SETUP_SECONDS
+    budget_s = training_seconds(seconds_left, FINAL_FILL)
     epochs = settings.final_max_epochs
     if per_epoch > 0:
         epochs = min(epochs, int(budget_s // per_epoch))
