@@ -235,10 +235,17 @@ def sized_minutes(settings: Any, regime: Regime) -> tuple[float, dict[str, Any]]
 
 
 def run_regime(
-    name: str, data: str, minutes: float, fraction: float, workdir: Path, sized: bool = False
+    name: str,
+    data: str,
+    minutes: float,
+    fraction: float,
+    workdir: Path,
+    sized: bool = False,
+    second_search: bool = True,
 ) -> dict:
-    """Baseline, then the search (twice in the `large` regime), each in a fresh store; with
-    `sized`, the minutes raised where one model is dear here (`sized_minutes`)."""
+    """Baseline, then the search (twice in the `large` regime, unless not `second_search`),
+    each in a fresh store; with `sized`, the minutes raised where one model is dear here
+    (`sized_minutes`)."""
     import dataclasses
 
     import ray
@@ -246,6 +253,8 @@ def run_regime(
     from jobs.settings import SearchSettings
 
     regime = REGIMES[name]
+    if not second_search:
+        regime = dataclasses.replace(regime, second_search=False)
     settings = SearchSettings(
         data=training_subset(data, fraction, SearchSettings.seed, workdir / "data.csv"),
         time_budget_min=minutes,
@@ -312,8 +321,10 @@ def run(
     regimes: tuple[str, ...] = tuple(REGIMES),
     minutes: float | None = None,
     fraction: float | None = None,
+    second_search: bool = True,
 ) -> dict[str, Any]:
-    """Every regime asked for (`minutes` and `fraction` override theirs: smoke runs)."""
+    """Every regime asked for (`minutes` and `fraction` override theirs: smoke runs; without
+    `second_search`, the large regime's second search is left out: an arm less)."""
     unknown = [r for r in regimes if r not in REGIMES]
     if unknown:
         raise ValueError(f"regimes: expected names from {sorted(REGIMES)}, got {unknown}")
@@ -348,6 +359,7 @@ def run(
                     regime.fraction if fraction is None else fraction,
                     Path(tmp),
                     sized=minutes is None and regime.explore_margin > 0,
+                    second_search=second_search,
                 )
             # Each regime says when and at which commit it ran: a later run of the other
             # regime keeps it (bench/results/search_value.json).
@@ -418,11 +430,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--minutes", type=float, help="every regime's budget (smoke runs)")
     parser.add_argument("--fraction", type=float, help="every regime's share of training rows")
     parser.add_argument("--json", type=Path)
+    parser.add_argument(
+        "--first-search-only",
+        action="store_true",
+        help="leave out the large regime's second search",
+    )
     args = parser.parse_args(argv)
     if not args.data:
         parser.error("--data or FER2013_PATH is required")
     regimes = tuple(r.strip() for r in args.regimes.split(",") if r.strip())
-    results = run(args.data, regimes, args.minutes, args.fraction)
+    results = run(
+        args.data, regimes, args.minutes, args.fraction, second_search=not args.first_search_only
+    )
     text = json.dumps(results, indent=2, default=str)
     print(text)
     if args.json:

@@ -126,9 +126,14 @@ def _step(name: str, results: dict[str, Any], errors: dict[str, str], work: Any)
 
 
 def run_all(
-    data: str, with_budget: bool, only: list[str] | None, regimes: tuple[str, ...] = ()
+    data: str,
+    with_budget: bool,
+    only: list[str] | None,
+    regimes: tuple[str, ...] = (),
+    second_search: bool = True,
 ) -> dict[str, Any]:
-    """Every benchmark asked for; `regimes`: the search-value regimes (all where empty)."""
+    """Every benchmark asked for; `regimes`: the search-value regimes (all where empty);
+    `second_search`: the large regime's second search (bench/bench_search_value.py)."""
     from bench import (
         bench_budget,
         bench_kerastuner,
@@ -160,7 +165,12 @@ def run_all(
         ran.append("budget")
     if with_budget and (not only or "search-value" in only):
         chosen = regimes or tuple(bench_search_value.REGIMES)
-        _step("search-value", results, errors, lambda: bench_search_value.run(data, chosen))
+        _step(
+            "search-value",
+            results,
+            errors,
+            lambda: bench_search_value.run(data, chosen, second_search=second_search),
+        )
         ran.append("search-value")
     _keep_stored(results, errors, "budget", "budget_search_best_val_accuracy", BUDGET_KEYS)
     _keep_stored(results, errors, "search-value", "search_value_run_date", SEARCH_VALUE_KEYS)
@@ -432,6 +442,11 @@ def main(argv: list[str] | None = None) -> int:
         help="the search-value benchmark's regimes, comma list of hour,large (default: both)",
     )
     parser.add_argument(
+        "--first-search-only",
+        action="store_true",
+        help="the search-value benchmark's large regime without its second search (an arm less)",
+    )
+    parser.add_argument(
         "--regenerate",
         action="store_true",
         help="run nothing: rewrite BENCHMARKS.md's table from bench/results/latest.json",
@@ -448,11 +463,14 @@ def main(argv: list[str] | None = None) -> int:
     if only and not args.with_budget and set(only) & set(WITH_BUDGET):
         parser.error(f"--only {args.only}: {', '.join(WITH_BUDGET)} run only with --with-budget")
     regimes = tuple(r.strip() for r in args.regimes.split(",") if r.strip())
-    results = run_all(args.data, args.with_budget, only, regimes)
+    results = run_all(
+        args.data, args.with_budget, only, regimes, second_search=not args.first_search_only
+    )
     flags = (
         (["--with-budget"] if args.with_budget else [])
         + ([f"--only {args.only}"] if only else [])
         + ([f"--regimes {args.regimes}"] if regimes else [])
+        + (["--first-search-only"] if args.first_search_only else [])
     )
     if flags:
         results["_meta"]["command"] = f"make bench ARGS='{' '.join(flags)}'"

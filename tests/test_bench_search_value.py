@@ -185,16 +185,23 @@ def test_run_all_runs_the_search_value_arm_only_with_the_budget_flag(
         },
     }
     asked: list[tuple[str, ...]] = []
-    monkeypatch.setattr(
-        value, "run", lambda data, regimes: ran.append("value") or asked.append(regimes) or figures
-    )
+    seconds: list[bool] = []
+
+    def fake_run(data: str, regimes: tuple[str, ...], second_search: bool) -> dict:
+        ran.append("value")
+        asked.append(regimes)
+        seconds.append(second_search)
+        return figures
+
+    monkeypatch.setattr(value, "run", fake_run)
     monkeypatch.setattr(bench_budget, "run", lambda data: ran.append("budget") or {})
     monkeypatch.setattr(run_all, "RESULTS", tmp_path)
     results = run_all.run_all("data.csv", True, ["search-value"])
     assert ran == ["value"] and results["_meta"]["ran"] == ["search-value"]
     assert asked == [("hour", "large")]  # both regimes unless `--regimes` names some
-    run_all.run_all("data.csv", True, ["search-value"], ("large",))
+    run_all.run_all("data.csv", True, ["search-value"], ("large",), second_search=False)
     assert asked[-1] == ("large",)
+    assert seconds == [True, False]  # `--first-search-only` leaves the second search out
     assert json.loads((tmp_path / "search_value.json").read_text()) == figures
     table = run_all.table(results)
     assert "| `search_gain_points_hour` |" in table and "**no**" in table
@@ -242,7 +249,9 @@ def test_a_run_of_one_regime_keeps_the_stored_figures_of_the_other(
     hour = {"search_value_run_date": "d2", "search_gain_points_hour": 0.4}
     monkeypatch.setattr(run_all, "RESULTS", tmp_path)
     for figures in (large, hour):
-        monkeypatch.setattr(value, "run", lambda data, regimes, figures=figures: dict(figures))
+        monkeypatch.setattr(
+            value, "run", lambda data, regimes, second_search, figures=figures: dict(figures)
+        )
         results = run_all.run_all("data.csv", True, ["search-value"])
 
     stored = json.loads((tmp_path / "search_value.json").read_text())
