@@ -146,11 +146,14 @@ def final_plans(
         if len(picks) < wanted and key not in seen and gap <= FINAL_MAX_GAP:
             seen.add(key)
             picks.append((result, 0))
-            log.info(
-                "final: a slot for %s, %.3f behind the best explored after the same images",
-                explored.plan.name,
-                gap,
-            )
+            if result is leader:
+                log.info("final: a slot for %s, the best explored", explored.plan.name)
+            else:
+                log.info(
+                    "final: a slot for %s, %.3f behind the best explored after the same images",
+                    explored.plan.name,
+                    gap,
+                )
     while picks and len(picks) < wanted:
         picks.append((picks[0][0], len(picks)))
     chosen = []
