@@ -53,6 +53,12 @@ def grace_epochs(settings: SearchSettings, train_fraction: float, train_rows: in
     return min(wanted, settings.max_epochs * train_fraction)
 
 
+def first_rung_images(settings: SearchSettings, train_rows: int) -> int:
+    """The explore phase's first rung in images seen, for trials on `settings.explore_fraction`
+    of the data set's `train_rows`."""
+    return rung_images(grace_epochs(settings, settings.explore_fraction, train_rows), train_rows)
+
+
 class ImageRungASHA(AsyncHyperBandScheduler):
     """`ASHAScheduler` on images seen (rungs from `grace_images` up to `max_images`, by
     `reduction_factor`), less the plans named in `unranked`."""

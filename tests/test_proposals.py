@@ -279,13 +279,11 @@ def test_a_final_slot_goes_to_a_config_close_to_the_best_after_the_same_images()
     all the best one's epochs: it takes the second final slot within FINAL_MAX_GAP there."""
     import pandas as pd
 
-    from jobs.scheduling import grace_epochs, rung_images
+    from jobs.scheduling import first_rung_images
 
     planner = _planner(1e6, Calibration(100.0, 1e10, 1, 1.0))
     settings = SearchSettings(max_epochs=30, final_trials=2)
-    rung = rung_images(
-        grace_epochs(settings, settings.explore_fraction, planner.train_rows), planner.train_rows
-    )
+    rung = first_rung_images(settings, planner.train_rows)
     per_epoch = planner.rows({"train_fraction": 0.25})
     epochs = range(1, 31)
     # The best trial learns a point an epoch to 0.55 after 30 epochs.

@@ -15,7 +15,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from jobs.plan import TrialPlan
 from jobs.proposals import PlacingSearcher, Planner, ProposalClock
-from jobs.scheduling import epochs_to_reach, grace_epochs, rung_images
+from jobs.scheduling import epochs_to_reach, first_rung_images, grace_epochs
 from jobs.search.context import SearchContext
 from jobs.search.strategy import FIXED
 from jobs.search.tune_phase import TuneSpec, fit
@@ -102,10 +102,7 @@ def remembered(ctx: SearchContext) -> Memory | None:
         train_fraction=settings.explore_fraction,
         # The first rung, in epochs of the explored share of the rows.
         min_epochs=epochs_to_reach(
-            rung_images(
-                grace_epochs(settings, settings.explore_fraction, ctx.data.train_rows),
-                ctx.data.train_rows,
-            ),
+            first_rung_images(settings, ctx.data.train_rows),
             ctx.planner.rows({"train_fraction": settings.explore_fraction}),
         ),
         max_epochs=settings.max_epochs,

@@ -17,7 +17,7 @@ from typing import Any
 
 from jobs.plan import FINAL, TrialPlan, placed_from_config
 from jobs.proposals import PlacingSearcher, Planner, ProposalClock, training_seconds
-from jobs.scheduling import grace_epochs, rung_images
+from jobs.scheduling import first_rung_images
 from jobs.search.context import FINAL_SUFFIX, SearchContext, slots
 from jobs.search.explore import ExploreResult
 from jobs.search.strategy import EXPLOIT
@@ -127,9 +127,7 @@ def final_plans(
         return []
     ranked.sort(key=lambda pair: -pair[0])
     leader_accuracy, leader = ranked[0]
-    first_rung = rung_images(
-        grace_epochs(settings, settings.explore_fraction, planner.train_rows), planner.train_rows
-    )
+    first_rung = first_rung_images(settings, planner.train_rows)
     behind = [(0.0, leader)] + sorted(
         (
             (_par(leader, leader_accuracy, result, first_rung) - accuracy, result)
