@@ -181,7 +181,8 @@ def test_run_all_runs_the_search_value_arm_only_with_the_budget_flag(
             "baseline": {"report_accuracy": 0.645, "trials": 2, "members": ["a", "b"]}
             | {"minutes": 58.5, "reference_images_per_second": 310.0, "report_rows": 1795},
             "search": {"report_accuracy": 0.64, "trials": 9, "members": ["ensemble-of-3"]}
-            | {"minutes": 57.0, "reference_images_per_second": 305.0},
+            | {"minutes": 57.0, "reference_images_per_second": 305.0}
+            | {"ensemble_gain_points": 1.7},
         },
     }
     asked: list[tuple[str, ...]] = []
@@ -206,6 +207,13 @@ def test_run_all_runs_the_search_value_arm_only_with_the_budget_flag(
     table = run_all.table(results)
     assert "| `search_gain_points_hour` |" in table and "**no**" in table
     assert "| `search_gain_points_large` |" in table and "| `warm_start_gain_points` |" in table
+    # The hour search's own ensemble gain, read inside its stored result.
+    hour_gain = "| `search_value_hour.search.ensemble_gain_points` |"
+    assert (
+        f"{hour_gain} that hour search's" in table
+        and "| 1.700 | 1.700 | 1.700 | >= 1.5 | yes |" in table
+    )
+    assert run_all._lookup({"search_value_hour": {"search": {}}}, hour_gain.strip("|` ")) is None
     described = run_all.details(results)
     assert "by hand: 0.645 with 2 trials in 58.5 min" in described
     assert "search: 0.64 with 9 trials in 57 min (members ensemble-of-3" in described

@@ -29,6 +29,7 @@ from jobs.search.explore import (
     SpacePlanMaker,
     _explore_searcher,
     explore_fraction,
+    observe_explored,
 )
 from jobs.search.final import FINAL_FILL, FINAL_MAX_GAP, final_plans
 from jobs.settings import SearchSettings
@@ -272,6 +273,33 @@ def test_final_plans_train_the_best_configs_to_the_end_of_the_time_left() -> Non
     # The copy is another trajectory: from scratch, not from the explored weights.
     assert twice[0].warm_start and twice[0].warm_start_from == "dnn-b"
     assert twice[1].warm_start == "" and twice[1].warm_start_from == ""
+
+
+def test_a_resumed_search_places_its_final_with_what_the_explored_trials_measured() -> None:
+    """On a resumed search the explored trials reported to Tune's restored copy of the searcher
+    (or to the process that died): the final's planner learns their epoch times from the grid,
+    the first epoch of a process (it also traces the model) left out."""
+    import pandas as pd
+
+    planner = _planner(1e6, Calibration(100.0, 1e10, 1, 1.0))
+    grid = [_explored("dnn-a", 0.40, 256, planner), _explored("dnn-b", 0.45, 512, planner)]
+    for result in grid:
+        estimated = result.config["trial"]["estimated_epoch_seconds"]
+        result.metrics_dataframe = pd.DataFrame(
+            {
+                "epoch_seconds": [50 * estimated, 2 * estimated, 2 * estimated, 2 * estimated],
+                layout.METRIC_SETUP_SECONDS: [30.0, None, None, None],
+            }
+        )
+    grid.append(SimpleNamespace(config={}, metrics={}, metrics_dataframe=None))  # errored
+    final_plan = final_plans(SearchSettings(), grid[:2], planner, 600.0, slots=1)[0]
+    before = planner.place(final_plan).estimated_epoch_seconds
+    assert planner.correction.factor == 1.0
+
+    observe_explored(grid, planner.correction)
+
+    assert planner.correction.factor == pytest.approx(2.0)
+    assert planner.place(final_plan).estimated_epoch_seconds == pytest.approx(2 * before)
 
 
 def test_a_final_slot_goes_to_a_config_close_to_the_best_after_the_same_images() -> None:

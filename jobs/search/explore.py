@@ -13,17 +13,19 @@ from typing import Any
 
 from ray.tune.search.optuna import OptunaSearch
 
-from jobs.plan import TrialPlan
+from jobs.plan import TrialPlan, placed_from_config
 from jobs.proposals import PlacingSearcher, Planner, ProposalClock
 from jobs.scheduling import epochs_to_reach, first_rung_images, grace_epochs
 from jobs.search.context import SearchContext
 from jobs.search.strategy import FIXED
 from jobs.search.tune_phase import TuneSpec, fit
 from jobs.settings import SearchSettings
+from jobs.timing import EpochTimeCorrection
 from jobs.tracking.history import Memory
 from jobs.tracking.queue import drain_seconds
 from jobs.tracking.refusals import RefusalRecorder
 from jobs.tracking.trials import MLflowTrialLogger
+from schema import run as layout
 
 # Trials TPE waits for before it models the results (Optuna's default is 10: more than a CPU
 # budget of an hour starts at all): the known-good CNN and its neighbours, where no earlier
@@ -77,7 +79,29 @@ def explore(ctx: SearchContext) -> ExploreResult:
     )
     grid = fit(ctx, spec)
     recorder.queue.drain(drain_seconds())
+    if run.resumed:
+        # The restored trials reported to Tune's own copy of the searcher, and the trials before
+        # the restart to the process that died: the final places with what they measured.
+        observe_explored(grid, ctx.planner.correction)
     return ExploreResult(grid)
+
+
+def observe_explored(grid: Any, correction: EpochTimeCorrection) -> None:
+    """Feed `correction` with the epochs each explored trial measured against its estimate
+    before any correction, as the explore searcher does while its trials report (the first
+    epoch of a process, which also traces the model, left out)."""
+    for result in grid:
+        history = getattr(result, "metrics_dataframe", None)
+        if not result.config or history is None or "epoch_seconds" not in history:
+            continue
+        placed = placed_from_config(result.config)
+        estimated = placed.estimated_epoch_seconds / placed.placement.get(
+            "epoch_time_correction", 1.0
+        )
+        if layout.METRIC_SETUP_SECONDS in history:
+            history = history[history[layout.METRIC_SETUP_SECONDS].isna()]
+        for measured in history["epoch_seconds"].dropna():
+            correction.observe(placed.plan.name, estimated, float(measured))
 
 
 def remembered(ctx: SearchContext) -> Memory | None:
