@@ -73,7 +73,7 @@ def _model_dict(spec: Any) -> dict[str, Any]:
 
 
 def _plan(case: dict[str, Any], epochs: int) -> Any:
-    from jobs.plan import TrialPlan
+    from jobs.plan import TrainingConfig, TrialPlan
 
     training = {
         "batch_size": case["batch"],
@@ -85,7 +85,7 @@ def _plan(case: dict[str, Any], epochs: int) -> Any:
         "train_fraction": case.get("rows", EXPLORE_ROWS),
         "mixup": case.get("mixup", 0.0),
     }
-    return TrialPlan(case["name"], _model_dict(case["model"]), training)
+    return TrialPlan(case["name"], _model_dict(case["model"]), TrainingConfig(**training))
 
 
 def run(
@@ -148,10 +148,10 @@ def run(
         rows.append(
             {
                 "config": name,
-                "optimizer": placed[name].plan.training["optimizer"],
+                "optimizer": placed[name].plan.training.optimizer,
                 "params": int(placement["param_count"]),
-                "batch": int(placed[name].plan.training["batch_size"]),
-                "train_fraction": float(placed[name].plan.training["train_fraction"]),
+                "batch": placed[name].plan.training.batch_size,
+                "train_fraction": placed[name].plan.training.train_fraction,
                 "estimated_mb": round(estimate, 1),
                 "measured_mb": peaks[-1],
                 "per_epoch_mb": peaks,

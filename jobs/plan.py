@@ -8,7 +8,7 @@ config `PlacedTrial.tune_config()` returns; the trial (`jobs/trial.py`) and the 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from model.optimizers import OPTIMIZERS
@@ -22,7 +22,7 @@ EXPLORE = layout.PHASE_EXPLORE
 FINAL = layout.PHASE_FINAL
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainingConfig:
     batch_size: int = 64
     micro_batch_size: int = 64
@@ -83,6 +83,20 @@ class TrainingConfig:
         if not (isinstance(self.time_budget_s, int | float) and self.time_budget_s >= 0):
             raise ValueError(f"time_budget_s: expected a number >= 0, got {self.time_budget_s!r}")
 
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], where: str = "training") -> TrainingConfig:
+        """A config from its JSON form (a field it lacks keeps its default); a ValueError
+        names the fields it does not know."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"{where}: unknown fields {unknown}; expected some of {sorted(known)}")
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form: what Tune's trial config and the logged run config hold."""
+        return asdict(self)
+
     @property
     def soft_labels(self) -> bool:
         """Label smoothing and mixup train on one-hot (mixed) labels, not class indices."""
@@ -95,11 +109,12 @@ class TrainingConfig:
 
 @dataclass(frozen=True)
 class TrialPlan:
-    """One trial as planned: the model and training configs (plain JSON dicts, as logged)."""
+    """One trial as planned: its model config (a plain JSON dict, as logged) and training
+    config."""
 
     name: str
     model: dict[str, Any]
-    training: dict[str, Any]
+    training: TrainingConfig
     phase: str = EXPLORE
     # A final trial starts from the weights of the explored trial it continues (a Tune
     # checkpoint's path or URI), named in `warm_start_from`.
@@ -107,7 +122,7 @@ class TrialPlan:
     warm_start_from: str = ""
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "model": self.model, "training": self.training}
+        return {"name": self.name, "model": self.model, "training": self.training.to_dict()}
 
 
 @dataclass(frozen=True)
@@ -142,7 +157,7 @@ def placed_from_config(config: dict[str, Any]) -> PlacedTrial:
     plan = TrialPlan(
         trial["name"],
         trial["model"],
-        trial["training"],
+        TrainingConfig.from_dict(trial["training"], f"trial {trial['name']}: training"),
         trial.get("phase", EXPLORE),
         trial.get("warm_start", ""),
         trial.get("warm_start_from", ""),
@@ -166,7 +181,7 @@ def flat_params(placed: PlacedTrial) -> dict[str, str]:
     params["estimated_host_memory_mb"] = f"{host:.1f}"
     if plan.warm_start_from:
         params["warm_start_from"] = plan.warm_start_from
-    for key, value in plan.training.items():
+    for key, value in plan.training.to_dict().items():
         params[key] = str(value)
     for key, value in plan.model.items():
         if key != "family":

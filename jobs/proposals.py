@@ -22,7 +22,7 @@ from typing import Any
 
 from ray.tune.search import Searcher
 
-from jobs.plan import PlacedTrial, TrialPlan
+from jobs.plan import PlacedTrial, TrainingConfig, TrialPlan
 from jobs.scheduling import epochs_to_reach, rung_images
 from jobs.timing import EpochTimeCorrection
 from schema import run as layout
@@ -65,16 +65,16 @@ class Planner:
     calibration: Any = None  # jobs.timing.Calibration; None: no time estimate
     correction: EpochTimeCorrection = field(default_factory=EpochTimeCorrection)
 
-    def rows(self, training: dict[str, Any]) -> int:
-        """The training rows a trial of `training` sees (its `train_fraction` of them)."""
-        return max(1, round(self.train_rows * float(training.get("train_fraction", 1.0))))
+    def rows(self, train_fraction: float) -> int:
+        """The training rows a trial that sees `train_fraction` of them trains on."""
+        return max(1, round(self.train_rows * float(train_fraction)))
 
-    def rung_epochs(self, grace_epochs: float, training: dict[str, Any]) -> int:
+    def rung_epochs(self, grace_epochs: float, training: TrainingConfig) -> int:
         """The epochs a trial of `training` trains to reach a first rung of `grace_epochs`
         full-data epochs' worth of images (at most its max_epochs): more, the fewer rows it
         sees."""
         rung = rung_images(grace_epochs, self.train_rows)
-        return min(epochs_to_reach(rung, self.rows(training)), int(training["max_epochs"]))
+        return min(epochs_to_reach(rung, self.rows(training.train_fraction)), training.max_epochs)
 
     @property
     def overhead(self) -> Any:
@@ -110,20 +110,20 @@ class Planner:
         dummy_stats = pixel_statistics(np.zeros((2, 48, 48, 1), dtype=np.uint8))
         model = build_model(config_from_dict(plan.model), stats=dummy_stats)
         training = plan.training
-        fraction = float(training.get("train_fraction", 1.0))
-        rows = self.rows(training)
-        saved = memory_breakdown(model, training["batch_size"], training["optimizer"])
+        fraction = training.train_fraction
+        rows = self.rows(fraction)
+        saved = memory_breakdown(model, training.batch_size, training.optimizer)
         state = saved["weights"] + saved["optimizer_slots"]
         placement = place(
             model,
-            training["batch_size"],
-            training["optimizer"],
+            training.batch_size,
+            training.optimizer,
             self.budget,
             self.cpus_per_trial,
-            compute_dtype=self.compute_dtype(training.get("precision", "auto")),
+            compute_dtype=self.compute_dtype(training.precision),
             host_overhead_bytes=self.overhead.host_bytes(rows, self.val_rows, fraction, state),
         )
-        training = {**training, "micro_batch_size": placement.micro_batch_size}
+        training = dataclasses.replace(training, micro_batch_size=placement.micro_batch_size)
         seconds = (
             estimate_epoch_seconds(
                 model, rows, self.val_rows, placement.micro_batch_size, self.calibration
@@ -289,16 +289,16 @@ class PlacingSearcher(Searcher):
         return Searcher.FINISHED
 
     def _filled(self, plan: TrialPlan) -> TrialPlan:
-        box = float(plan.training.get("time_budget_s", 0) or 0)
+        box = plan.training.time_budget_s
         if self.fill <= 0 or box <= 0:
             return plan
         fits = round(training_seconds(self.clock.left(), self.fill), 1)
         if fits >= box:
             return plan
-        training = {**plan.training, "time_budget_s": max(fits, 0.0)}
+        training = dataclasses.replace(plan.training, time_budget_s=max(fits, 0.0))
         return dataclasses.replace(plan, training=training)
 
-    def rung_epochs(self, training: dict[str, Any]) -> int:
+    def rung_epochs(self, training: TrainingConfig) -> int:
         """The epochs a trial of `training` trains to reach the first rung (at most its
         max_epochs): more, the fewer rows it sees."""
         return self.planner.rung_epochs(self.grace_epochs, training)
@@ -310,13 +310,13 @@ class PlacingSearcher(Searcher):
         epochs = self.rung_epochs(training)
         needed = SETUP_SECONDS + epochs * placed.estimated_epoch_seconds
         left = self.clock.left()
-        box = float(placed.plan.training.get("time_budget_s", 0) or 0)
+        box = training.time_budget_s
         whose = "of the budget"
         if 0 < box and box + SETUP_SECONDS < left:
             left, whose = box + SETUP_SECONDS, "in its time box"
         if needed <= left:
             return placed
-        fraction = float(training.get("train_fraction", 1.0))
+        fraction = training.train_fraction
         correction = placed.placement["epoch_time_correction"]
         corrected = f" x{correction:.2f} as the trials so far measured" if correction != 1 else ""
         reason = (

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from jobs.plan import TrainingConfig
 from jobs.space import (
     AUGMENTATIONS,
     _units_text,
@@ -45,7 +46,7 @@ def point_distributions(point: dict[str, Any], families: tuple[str, ...]) -> dic
 
 
 def point_from_config(
-    model: dict[str, Any], training: dict[str, Any], families: tuple[str, ...]
+    model: dict[str, Any], training: TrainingConfig, families: tuple[str, ...]
 ) -> dict[str, Any] | None:
     """The point of `define_space` over `families` (the searched ones, as in `Space`) a
     trial's model and training configs (as logged) stand for; None when they are not one.
@@ -61,7 +62,7 @@ def point_from_config(
             if _json(encoded) != _json(model):
                 continue
             trained = training_from_params(point, 1, 0)
-            if any(trained[key] != training.get(key) for key in _SEARCHED_TRAINING):
+            if any(trained[key] != getattr(training, key) for key in _SEARCHED_TRAINING):
                 continue
             point_distributions(point, families)
             return point
@@ -86,7 +87,7 @@ def _json(value: Any) -> str:
 
 
 def _candidate_points(
-    model: dict[str, Any], training: dict[str, Any], families: tuple[str, ...]
+    model: dict[str, Any], training: TrainingConfig, families: tuple[str, ...]
 ) -> list[dict[str, Any]]:
     """Points that may encode `model` and `training` (one per augmentation for a CNN: the
     logged config holds the augmentation's fields, not its name)."""
@@ -94,17 +95,17 @@ def _candidate_points(
     if family not in families:
         return []
     point: dict[str, Any] = {"family": family} if len(families) > 1 else {}
-    optimizer = training["optimizer"]
+    optimizer = training.optimizer
     rate_key = "training.sgd_learning_rate" if optimizer == "sgd" else "training.learning_rate"
     point.update(
         {
             "training.optimizer": optimizer,
-            rate_key: float(training["learning_rate"]),
-            "training.batch_size": int(training["batch_size"]),
-            "training.weight_decay": float(training["weight_decay"]),
-            "training.label_smoothing": float(training["label_smoothing"]),
-            "training.mixup": float(training["mixup"]),
-            "training.lr_schedule": training["lr_schedule"],
+            rate_key: float(training.learning_rate),
+            "training.batch_size": int(training.batch_size),
+            "training.weight_decay": float(training.weight_decay),
+            "training.label_smoothing": float(training.label_smoothing),
+            "training.mixup": float(training.mixup),
+            "training.lr_schedule": training.lr_schedule,
         }
     )
     if family == "dnn":

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from ray.tune.search import Searcher
 
-from jobs.plan import PlacedTrial
+from jobs.plan import PlacedTrial, TrainingConfig
 from jobs.proposals import (
     MIN_MARGIN_SECONDS,
     OVER_BUDGET,
@@ -235,9 +235,9 @@ def test_the_first_rung_is_counted_in_images_seen_whatever_the_row_share() -> No
     searcher = PlacingSearcher(
         _planner(MACHINE), [], lambda placed: None, ProposalClock(60), grace_epochs=grace
     )
-    assert searcher.rung_epochs({"train_fraction": 0.25, "max_epochs": 30}) == 8
-    assert searcher.rung_epochs({"train_fraction": 1.0, "max_epochs": 30}) == 2
-    assert searcher.rung_epochs({"train_fraction": 0.25, "max_epochs": 5}) == 5
+    assert searcher.rung_epochs(TrainingConfig(train_fraction=0.25, max_epochs=30)) == 8
+    assert searcher.rung_epochs(TrainingConfig(train_fraction=1.0, max_epochs=30)) == 2
+    assert searcher.rung_epochs(TrainingConfig(train_fraction=0.25, max_epochs=5)) == 5
     # A short search: the rung is what a quarter-row trial can reach in its max_epochs.
     assert grace_epochs(SearchSettings(max_epochs=4, grace_epochs=2), 0.25, TRAIN_ROWS) == 1.0
 
@@ -252,7 +252,9 @@ def test_the_first_rung_holds_enough_images_to_rank_on_a_small_data_set() -> Non
     searcher = PlacingSearcher(
         _planner(MACHINE, small), [], lambda placed: None, ProposalClock(60), grace_epochs=grace
     )
-    assert searcher.rung_epochs({"train_fraction": 1.0, "max_epochs": 30}) == math.ceil(grace)
+    assert searcher.rung_epochs(TrainingConfig(train_fraction=1.0, max_epochs=30)) == math.ceil(
+        grace
+    )
     # Where a trial cannot see that many images in max_epochs, the rung is its last epoch.
     assert grace_epochs(SearchSettings(max_epochs=5, grace_epochs=2), 1.0, small) == 5.0
     # Every row of FER2013: the setting's 2 epochs already hold more.

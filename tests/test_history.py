@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -320,5 +321,7 @@ def test_every_point_comes_back_from_the_configs_it_was_trained_with(
     from jobs.space import fixed_points
 
     seed2017 = next(p for p in fixed_points(("cnn",), 30, 1) if p["name"] == "seed2017")
-    training = {**maker({**KNOWN_GOOD_CNN, "family": "cnn"}, "x").training, **seed2017["training"]}
+    training = replace(
+        maker({**KNOWN_GOOD_CNN, "family": "cnn"}, "x").training, **seed2017["training"]
+    )
     assert point_from_config(seed2017["model"], training, ("cnn",)) is None

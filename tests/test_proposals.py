@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from ray.tune.search import Searcher
 
-from jobs.plan import PlacedTrial, TrialPlan
+from jobs.plan import PlacedTrial, TrainingConfig, TrialPlan
 from jobs.proposals import (
     DOES_NOT_FIT,
     MIN_MARGIN_SECONDS,
@@ -140,7 +140,7 @@ def test_a_proposal_that_cannot_reach_the_first_rung_in_time_is_not_started() ->
     # A worker doing 1 M MAC-equivalents a second: a CNN epoch takes days.
     slow = Calibration(reference_images_per_second=0.01, work_per_second=1e6, threads=1, seconds=1)
     (fast_cnn,) = [p for p in fixed_points(("cnn",), 30, 0) if p["name"] == "cnn-fast"]
-    plan = TrialPlan("cnn-fast", fast_cnn["model"], fast_cnn["training"])
+    plan = TrialPlan("cnn-fast", fast_cnn["model"], TrainingConfig(**fast_cnn["training"]))
     recorder = Recorder()
     searcher = PlacingSearcher(
         _planner(1e6, slow), [plan], recorder, ProposalClock(600), grace_epochs=2
@@ -246,12 +246,12 @@ def test_final_plans_train_the_best_configs_to_the_end_of_the_time_left() -> Non
         # It goes on from the explored trial's weights.
         assert plan.warm_start_from == base["name"]
         assert plan.warm_start == f"/tune/{base['name']}/checkpoint_000005"
-        assert plan.training["train_fraction"] == 1.0
-        assert plan.training["lr_schedule"] == "cosine"
+        assert plan.training.train_fraction == 1.0
+        assert plan.training.lr_schedule == "cosine"
         # Epochs up to final_max_epochs (not the explored trials' max_epochs), planned by the
         # trial on its clock within the time left.
-        assert plan.training["max_epochs"] == 200
-        assert plan.training["time_budget_s"] == pytest.approx(600 * FINAL_FILL - SETUP_SECONDS)
+        assert plan.training.max_epochs == 200
+        assert plan.training.time_budget_s == pytest.approx(600 * FINAL_FILL - SETUP_SECONDS)
     # Whether an epoch fits: the explored trial took 2 s an epoch on a quarter of the rows,
     # against its estimate, and the full-data estimate is scaled by the same ratio.
     best = explored["dnn-b"]
@@ -268,7 +268,7 @@ def test_final_plans_train_the_best_configs_to_the_end_of_the_time_left() -> Non
     far = [g for g in grid if g.config["plan"] in ("dnn-b", "dnn-c")]
     twice = final_plans(settings, far, planner, seconds_left=600.0, slots=2)
     assert [p.name for p in twice] == ["dnn-b-final", "dnn-b-final-2"]
-    assert twice[1].training["seed"] == twice[0].training["seed"] + 1
+    assert twice[1].training.seed == twice[0].training.seed + 1
     assert twice[1].model == twice[0].model
     # The copy is another trajectory: from scratch, not from the explored weights.
     assert twice[0].warm_start and twice[0].warm_start_from == "dnn-b"
@@ -312,7 +312,7 @@ def test_a_final_slot_goes_to_a_config_close_to_the_best_after_the_same_images()
     planner = _planner(1e6, Calibration(100.0, 1e10, 1, 1.0))
     settings = SearchSettings(max_epochs=30, final_trials=2)
     rung = first_rung_images(settings, planner.train_rows)
-    per_epoch = planner.rows({"train_fraction": 0.25})
+    per_epoch = planner.rows(0.25)
     epochs = range(1, 31)
     # The best trial learns a point an epoch to 0.55 after 30 epochs.
     history = pd.DataFrame(
@@ -360,7 +360,7 @@ def test_a_trial_that_fills_the_time_left_keeps_a_margin_in_seconds_on_a_short_b
         assert _seconds_left_to_train(training_seconds(left, FINAL_FILL)) == pytest.approx(left)
     # The same rule cuts the box of a plan that waited for its slot, when it starts.
     (point,) = [p for p in fixed_points(("dnn",), 30, 2017) if p["name"] == "dnn-matched"]
-    training = {**point["training"], "train_fraction": 1.0, "time_budget_s": 1000.0}
+    training = TrainingConfig(**point["training"], time_budget_s=1000.0)
     plan = TrialPlan("late", point["model"], training, "final")
     searcher = PlacingSearcher(
         _planner(2e9), [plan], Recorder(), ProposalClock(75.0), fill=FINAL_FILL
@@ -401,7 +401,7 @@ def test_settings_refuse_shares_outside_their_range() -> None:
 def test_worker_budget_sized_placement_is_recorded_on_the_plan() -> None:
     placed = _planner(64 * GIB / MIB).place(SpacePlanMaker(30, 0, 0.25)(_point("cnn"), "cnn-fast"))
     assert placed.placement["status"] == "fits"
-    assert placed.plan.training["micro_batch_size"] == 64
+    assert placed.plan.training.micro_batch_size == 64
     assert placed.estimated_epoch_seconds == 0.0  # no calibration, no time estimate
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import replace
 
 import pytest
@@ -38,7 +39,7 @@ def _planner(work_per_second: float) -> Planner:
 def _model_seconds(planner: Planner, settings: SearchSettings) -> float:
     """What one finished model of the known-good CNN costs on one slot, from the planner."""
     best = best_known_plan(settings)
-    full = best.training | {"train_fraction": 1.0}
+    full = dataclasses.replace(best.training, train_fraction=1.0)
     placed = planner.place(type(best)(best.name, best.model, full))
     return placed.estimated_epoch_seconds * min(FINISH_EPOCHS, settings.max_epochs)
 
@@ -170,19 +171,19 @@ def test_exploit_trains_seeded_copies_on_every_row_and_boxes_the_coursework_anch
     names = [plan.name for plan in plans]
     assert names == ["cnn-fast-final", "dnn-matched", "seed2017", "cnn-fast-final-2"]
     copies = [plans[0], plans[-1]]
-    assert [copy.training["seed"] for copy in copies] == [settings.seed, settings.seed + 1]
+    assert [copy.training.seed for copy in copies] == [settings.seed, settings.seed + 1]
     for copy in copies:
-        assert copy.training["train_fraction"] == 1.0
-        assert copy.training["lr_schedule"] == "cosine"
-        assert copy.training["time_budget_s"] == round(seconds_left * FINAL_FILL - SETUP_SECONDS, 1)
+        assert copy.training.train_fraction == 1.0
+        assert copy.training.lr_schedule == "cosine"
+        assert copy.training.time_budget_s == round(seconds_left * FINAL_FILL - SETUP_SECONDS, 1)
         assert copy.model == best_known_plan(settings).model
         assert copy.phase == layout.PHASE_FINAL and not copy.warm_start
         # The budget decides a copy's epochs: its cap is the final's, not an explored trial's.
-        assert copy.training["max_epochs"] == settings.final_max_epochs > settings.max_epochs
+        assert copy.training.max_epochs == settings.final_max_epochs > settings.max_epochs
     anchors = [plan for plan in plans if plan.name in COURSEWORK_POINTS]
-    assert {plan.training["time_budget_s"] for plan in anchors} == {3600 * COURSEWORK_SHARE}
+    assert {plan.training.time_budget_s for plan in anchors} == {3600 * COURSEWORK_SHARE}
     # The anchors are trained for the coursework comparison in their box, to max_epochs.
-    assert {plan.training["max_epochs"] for plan in anchors} == {settings.max_epochs}
+    assert {plan.training.max_epochs for plan in anchors} == {settings.max_epochs}
 
 
 def test_a_plan_that_waited_for_a_slot_still_ends_with_the_budget() -> None:

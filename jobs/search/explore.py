@@ -13,7 +13,7 @@ from typing import Any
 
 from ray.tune.search.optuna import OptunaSearch
 
-from jobs.plan import TrialPlan, placed_from_config
+from jobs.plan import TrainingConfig, TrialPlan, placed_from_config
 from jobs.proposals import PlacingSearcher, Planner, ProposalClock
 from jobs.scheduling import epochs_to_reach, first_rung_images, grace_epochs
 from jobs.search.context import SearchContext
@@ -127,7 +127,7 @@ def remembered(ctx: SearchContext) -> Memory | None:
         # The first rung, in epochs of the explored share of the rows.
         min_epochs=epochs_to_reach(
             first_rung_images(settings, ctx.data.train_rows),
-            ctx.planner.rows({"train_fraction": settings.explore_fraction}),
+            ctx.planner.rows(settings.explore_fraction),
         ),
         max_epochs=settings.max_epochs,
     )
@@ -156,7 +156,10 @@ def _plans(
         TrialPlan(
             p["name"],
             p["model"],
-            {"train_fraction": train_fraction, "precision": precision, **p["training"]},
+            TrainingConfig.from_dict(
+                {"train_fraction": train_fraction, "precision": precision, **p["training"]},
+                f"plan {p['name']}: training",
+            ),
         )
         for p in dicts
     ]
@@ -321,6 +324,7 @@ class SpacePlanMaker:
         from model.configs import config_to_dict
 
         training = training_from_params(params, self.max_epochs, self.seed)
-        training["train_fraction"] = self.train_fraction
-        training["precision"] = self.precision
-        return TrialPlan(name, config_to_dict(model_from_params(params)), training)
+        training.update(train_fraction=self.train_fraction, precision=self.precision)
+        return TrialPlan(
+            name, config_to_dict(model_from_params(params)), TrainingConfig.from_dict(training)
+        )

@@ -12,10 +12,10 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
-from jobs.plan import FINAL, TrialPlan, placed_from_config
+from jobs.plan import FINAL, TrainingConfig, TrialPlan, placed_from_config
 from jobs.proposals import PlacingSearcher, Planner, ProposalClock, training_seconds
 from jobs.scheduling import first_rung_images
 from jobs.search.context import FINAL_SUFFIX, SearchContext, slots
@@ -188,14 +188,14 @@ def exploit_plans(settings: SearchSettings, seconds_left: float, slots: int) -> 
     budget_s = round(training_seconds(seconds_left, FINAL_FILL), 1)
     copies = []
     for copy in range(max(1, slots)):
-        training = {
-            **best.training,
-            "train_fraction": 1.0,
-            "lr_schedule": "cosine",
-            "max_epochs": settings.final_max_epochs,
-            "seed": int(best.training["seed"]) + copy,
-            "time_budget_s": budget_s,
-        }
+        training = replace(
+            best.training,
+            train_fraction=1.0,
+            lr_schedule="cosine",
+            max_epochs=settings.final_max_epochs,
+            seed=best.training.seed + copy,
+            time_budget_s=budget_s,
+        )
         name = best.name + FINAL_SUFFIX + (f"-{copy + 1}" if copy else "")
         copies.append(TrialPlan(name, best.model, training, FINAL))
     box_s = round(settings.time_budget_min * 60 * COURSEWORK_SHARE, 1)
@@ -204,13 +204,15 @@ def exploit_plans(settings: SearchSettings, seconds_left: float, slots: int) -> 
         TrialPlan(
             point["name"],
             point["model"],
-            {
-                **point["training"],
-                "train_fraction": 1.0,
-                "lr_schedule": "cosine",
-                "precision": settings.precision,
-                "time_budget_s": box_s,
-            },
+            TrainingConfig.from_dict(
+                {
+                    **point["training"],
+                    "train_fraction": 1.0,
+                    "lr_schedule": "cosine",
+                    "precision": settings.precision,
+                    "time_budget_s": box_s,
+                }
+            ),
             FINAL,
         )
         for point in fixed
@@ -224,13 +226,13 @@ def _final_plan(
 ) -> TrialPlan | None:
     explored = placed_from_config(result.config)
     measured = float(result.metrics.get("epoch_seconds", 0.0))
-    training = {
-        **explored.plan.training,
-        "train_fraction": 1.0,
-        "lr_schedule": "cosine",
-        "max_epochs": settings.final_max_epochs,
-        "seed": int(explored.plan.training["seed"]) + copy,
-    }
+    training = replace(
+        explored.plan.training,
+        train_fraction=1.0,
+        lr_schedule="cosine",
+        max_epochs=settings.final_max_epochs,
+        seed=explored.plan.training.seed + copy,
+    )
     full = planner.place(TrialPlan(explored.plan.name, explored.plan.model, training, FINAL))
     # What the explored trial measured corrects the estimate (same worker kind, same load), on
     # both estimates before the planner's correction (each was placed with the one of its time).
@@ -263,7 +265,7 @@ def _final_plan(
         name,
         explored.plan.model,
         # The estimate decides whether an epoch fits; the trial plans the rest on its clock.
-        {**training, "time_budget_s": round(budget_s, 1)},
+        replace(training, time_budget_s=round(budget_s, 1)),
         FINAL,
         warm,
         "" if copy else explored.plan.name,
@@ -279,9 +281,9 @@ def _checkpoint_uri(checkpoint: Any) -> str:
     return checkpoint.path if kind == "local" else f"{kind}://{checkpoint.path}"
 
 
-def _without_fidelity(training: dict[str, Any]) -> dict[str, Any]:
+def _without_fidelity(training: TrainingConfig) -> dict[str, Any]:
     return {
         k: v
-        for k, v in training.items()
+        for k, v in training.to_dict().items()
         if k not in ("train_fraction", "max_epochs", "micro_batch_size", "time_budget_s")
     }

@@ -15,10 +15,10 @@ a long budget), it explores.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
-from jobs.plan import TrialPlan
+from jobs.plan import TrainingConfig, TrialPlan
 from jobs.settings import SearchSettings
 from schema import run as layout
 
@@ -89,7 +89,7 @@ def best_known_plan(settings: SearchSettings) -> TrialPlan:
 
     point = fixed_points(parse_families(settings.families), settings.max_epochs, settings.seed)[0]
     training = {**point["training"], "precision": settings.precision}
-    return TrialPlan(point["name"], point["model"], training)
+    return TrialPlan(point["name"], point["model"], TrainingConfig.from_dict(training))
 
 
 @dataclass(frozen=True)
@@ -115,16 +115,25 @@ def explore_cost(
     grace = grace_epochs(settings, settings.explore_fraction, planner.train_rows)
 
     def seconds(plan: TrialPlan, ranked: bool) -> float:
-        epochs = int(plan.training["max_epochs"])  # the fixed points': settings.max_epochs
+        epochs = plan.training.max_epochs  # the fixed points': settings.max_epochs
         if ranked:
             epochs = planner.rung_epochs(grace, plan.training)
         return SETUP_SECONDS + epochs * planner.place(plan).estimated_epoch_seconds
 
     def explored(name: str, model: dict[str, Any], training: dict[str, Any]) -> TrialPlan:
+        # A point that names its own share of the rows (the matched DNN: every row) keeps it.
         fraction = {"train_fraction": settings.explore_fraction, "precision": settings.precision}
-        return TrialPlan(name, model, {**fraction, **training})
+        return TrialPlan(name, model, TrainingConfig.from_dict({**fraction, **training}))
 
-    leader = explored(best_known.name, best_known.model, dict(best_known.training))
+    leader = TrialPlan(
+        best_known.name,
+        best_known.model,
+        replace(
+            best_known.training,
+            train_fraction=settings.explore_fraction,
+            precision=settings.precision,
+        ),
+    )
     proposal_s = seconds(leader, ranked=True)
     # What the explore phase starts first, as many as `num_samples` allows (explore.py).
     points = fixed_points(parse_families(settings.families), settings.max_epochs, settings.seed)
@@ -164,7 +173,7 @@ def decide(settings: SearchSettings, planner: Any, best_known: TrialPlan, slots:
     """
     total_s = settings.time_budget_min * 60
     full = TrialPlan(
-        best_known.name, best_known.model, {**best_known.training, "train_fraction": 1.0}
+        best_known.name, best_known.model, replace(best_known.training, train_fraction=1.0)
     )
     timed = planner.calibration is not None
     epoch_s = planner.place(full).estimated_epoch_seconds if timed else 0.0

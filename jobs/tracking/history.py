@@ -24,6 +24,7 @@ from typing import Any
 
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
+from jobs.plan import TrainingConfig
 from schema import run as layout
 
 ENDED = ("FINISHED", "FAILED", "KILLED")
@@ -172,8 +173,8 @@ def past_trial(run: Any, query: MemoryQuery) -> PastTrial | None:
         return None
     if (
         query.max_epochs
-        and training.get("lr_schedule") == "cosine"
-        and training.get("max_epochs") != query.max_epochs
+        and training.lr_schedule == "cosine"
+        and training.max_epochs != query.max_epochs
     ):
         return None  # its rate stood elsewhere at the same epoch
     point = point_from_config(model, training, query.families)
@@ -183,19 +184,20 @@ def past_trial(run: Any, query: MemoryQuery) -> PastTrial | None:
     return PastTrial(tags[MLFLOW_PARENT_RUN_ID], run.info.run_id, name, point, float(accuracy))
 
 
-def logged_configs(params: dict[str, str]) -> tuple[dict[str, Any], dict[str, Any]]:
+def logged_configs(params: dict[str, str]) -> tuple[dict[str, Any], TrainingConfig]:
     """A trial's model and training configs back from its params (jobs.plan.flat_params);
-    a training field it did not log has the default it trained with."""
-    from jobs.plan import TrainingConfig
-
+    a training field it did not log has the default it trained with (a ValueError where a
+    logged one is not valid)."""
     model = {"family": params["family"]}
     for key, text in params.items():
         if key.startswith(MODEL_PARAM_PREFIX):
             model[key[len(MODEL_PARAM_PREFIX) :]] = _value(text)
-    training = {}
-    for field in fields(TrainingConfig):
-        training[field.name] = _value(params[field.name]) if field.name in params else field.default
-    return model, training
+    training = {
+        field.name: _value(params[field.name])
+        for field in fields(TrainingConfig)
+        if field.name in params
+    }
+    return model, TrainingConfig.from_dict(training)
 
 
 def _value(text: str) -> Any:

@@ -231,9 +231,7 @@ class MLflowTrialLogger(tune.Callback):
         placed = placed_from_config(config)
         # A time-budgeted trial (the final) plans its epochs on the clock: it finished when
         # it ran what it planned last.
-        max_epochs = int(
-            (last_result or {}).get("planned_epochs", placed.plan.training["max_epochs"])
-        )
+        max_epochs = int((last_result or {}).get("planned_epochs", placed.plan.training.max_epochs))
         epochs_done = int((last_result or {}).get("epoch", 0))
         if error is not None:
             status, tag = "FAILED", layout.STATUS_FAILED
@@ -252,7 +250,7 @@ class MLflowTrialLogger(tune.Callback):
         if checkpoint is not None and error is None:
             staged = Path(tempfile.mkdtemp(prefix="fer-model-"))
             checkpoint.to_directory(str(staged))
-        training = dict(placed.plan.training)
+        training = placed.plan.training.to_dict()
         if last_result:
             training["micro_batch_size"] = int(
                 last_result.get("micro_batch_size", training["micro_batch_size"])
