@@ -53,6 +53,20 @@ def test_config_validation() -> None:
         TrainingConfig(lr_schedule="step")
 
 
+def test_a_training_config_travels_as_json_and_names_the_fields_it_does_not_know() -> None:
+    import dataclasses
+
+    config = TrainingConfig(batch_size=128, micro_batch_size=32, train_fraction=0.25)
+    assert TrainingConfig.from_dict(config.to_dict()) == config
+    assert TrainingConfig.from_dict({"seed": 7}) == TrainingConfig(seed=7)  # defaults fill in
+    with pytest.raises(ValueError, match=r"plan cnn-x: training: unknown fields \['batch'\]"):
+        TrainingConfig.from_dict({"batch": 64, "seed": 7}, "plan cnn-x: training")
+    with pytest.raises(ValueError, match="micro_batch_size"):  # and validates what it knows
+        TrainingConfig.from_dict({"batch_size": 64, "micro_batch_size": 24})
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.seed = 1  # type: ignore[misc]
+
+
 @pytest.mark.parametrize("micro_batch", [16, 8])
 def test_cosine_schedule_falls_by_epoch(tmp_path: Path, data: TrainData, micro_batch: int) -> None:
     """Each epoch trains at its point on a half cosine over max_epochs, with or without
