@@ -135,6 +135,12 @@ class PlacedTrial:
     refusal: str = ""  # "", layout.STATUS_DOES_NOT_FIT or layout.STATUS_OVER_BUDGET
     reason: str = ""
 
+    @property
+    def uncorrected_epoch_seconds(self) -> float:
+        """The calibration's epoch time estimate, before the correction the trials measured
+        (`epoch_time_correction`) was applied: what a measured epoch is compared with."""
+        return self.estimated_epoch_seconds / self.placement.get("epoch_time_correction", 1.0)
+
     def tune_config(self) -> dict[str, Any]:
         """What Tune's trial config holds: everything the trial and the logger need."""
         trial = {

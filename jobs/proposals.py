@@ -258,10 +258,7 @@ class PlacingSearcher(Searcher):
                 if inner_id:
                     self.inner_ids[trial_id] = inner_id
                 self.started.append(plan.name)
-                uncorrected = (
-                    placed.estimated_epoch_seconds / placed.placement["epoch_time_correction"]
-                )
-                self.estimates[trial_id] = (plan.name, uncorrected)
+                self.estimates[trial_id] = (plan.name, placed.uncorrected_epoch_seconds)
                 log.info(
                     "trial %s: %s, est %.0f MiB, %.0f s/epoch",
                     plan.name,

@@ -95,13 +95,10 @@ def observe_explored(grid: Any, correction: EpochTimeCorrection) -> None:
         if not result.config or history is None or "epoch_seconds" not in history:
             continue
         placed = placed_from_config(result.config)
-        estimated = placed.estimated_epoch_seconds / placed.placement.get(
-            "epoch_time_correction", 1.0
-        )
         if layout.METRIC_SETUP_SECONDS in history:
             history = history[history[layout.METRIC_SETUP_SECONDS].isna()]
         for measured in history["epoch_seconds"].dropna():
-            correction.observe(placed.plan.name, estimated, float(measured))
+            correction.observe(placed.plan.name, placed.uncorrected_epoch_seconds, float(measured))
 
 
 def remembered(ctx: SearchContext) -> Memory | None:

@@ -236,9 +236,7 @@ def _final_plan(
     full = planner.place(TrialPlan(explored.plan.name, explored.plan.model, training, FINAL))
     # What the explored trial measured corrects the estimate (same worker kind, same load), on
     # both estimates before the planner's correction (each was placed with the one of its time).
-    estimated = explored.estimated_epoch_seconds / explored.placement.get(
-        "epoch_time_correction", 1.0
-    )
+    estimated = explored.uncorrected_epoch_seconds
     correction = full.placement["epoch_time_correction"]
     ratio = measured / estimated if estimated > 0 and measured > 0 else correction
     low, high = CORRECTION_RANGE
