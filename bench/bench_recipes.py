@@ -15,6 +15,14 @@ accuracy). With `--pairs` (default output `bench/results/recipe_pairs.json`) it 
 every pair of recipes as a two-member ensemble on the search's `report` half of PublicTest:
 the mean of the two best epochs' flip-averaged probabilities against the better member alone,
 as the search's `ensemble_gain_points` counts it.
+
+A recipe may train its own number of epochs (`name@epochs`, e.g. `fast-cnn@57`), and
+`--groups` scores given groups of them as ensembles, so equal compute spent on fewer, longer
+models or more, shorter ones compares in one run:
+
+    python -m bench.bench_recipes --data $FER2013_PATH --fraction 0.1 \
+        --recipes fast-cnn@115,fast-cnn-seed2@115,fast-cnn@57,fast-cnn-seed2@57,... \
+        --groups "fast-cnn@115+fast-cnn-seed2@115;fast-cnn@57+fast-cnn-seed2@57+..."
 """
 
 from __future__ import annotations
@@ -93,8 +101,20 @@ RECIPES["neighbour-crop-seed2"] = replace(RECIPES["neighbour-crop"], seed_offset
 DEFAULT_RECIPES = ("fast-cnn", "strong-dropout-0.3", "shift-dropout-0.2")
 
 
+def entry(text: str, epochs: int) -> tuple[str, int]:
+    """A `--recipes` entry, `name` or `name@epochs`: the recipe's name and its epochs (`epochs`
+    where the entry names none)."""
+    name, _, count = text.partition("@")
+    if not count:
+        return name, epochs
+    if not count.isdigit() or int(count) < 1:
+        raise ValueError(f"recipe {text!r}: expected name@epochs with epochs >= 1, got {count!r}")
+    return name, int(count)
+
+
 def recipe(name: str) -> Recipe:
-    """A recipe by name (a ValueError names the recipes there are)."""
+    """A recipe by name or `name@epochs` entry (a ValueError names the recipes there are)."""
+    name = name.partition("@")[0]
     if name not in RECIPES:
         raise ValueError(f"recipe: expected one of {sorted(RECIPES)}, got {name!r}")
     return RECIPES[name]
@@ -143,6 +163,49 @@ def pair_table(predictions: dict[str, Any], seed: int) -> list[dict[str, Any]]:
     return sorted(rows, key=lambda row: -row["gain_points"])
 
 
+def parse_groups(text: str, names: list[str]) -> list[list[str]]:
+    """`--groups`: `a+b;c+d+e`, each member one of `names` (the `--recipes` entries)."""
+    groups = [[m.strip() for m in g.split("+") if m.strip()] for g in text.split(";") if g.strip()]
+    for group in groups:
+        unknown = [m for m in group if m not in names]
+        if unknown or not group:
+            raise ValueError(
+                f"--groups: expected groups of the --recipes entries {names} joined by '+', "
+                f"got {'+'.join(group)!r}"
+            )
+    return groups
+
+
+def group_table(
+    predictions: dict[str, Any], groups: list[list[str]], epochs: dict[str, int], seed: int
+) -> list[dict[str, Any]]:
+    """Each group as an equal-weight, flip-averaged ensemble on the `report` half (as
+    `pair_table` scores a pair), with the epochs its members trained in all and its accuracy
+    against the first group's in points."""
+    from bench.value_baseline import flip_mean, report_accuracy
+
+    labels = predictions[groups[0][0]].labels
+    rows = []
+    for group in groups:
+        probabilities = flip_mean([predictions[m] for m in group])
+        rows.append(
+            {
+                "members": group,
+                "member_epochs": sum(epochs[m] for m in group),
+                "report_accuracy": round(report_accuracy(probabilities, labels, seed), 4),
+                "report_members_flip": [
+                    round(report_accuracy(flip_mean([predictions[m]]), labels, seed), 4)
+                    for m in group
+                ],
+            }
+        )
+    for row in rows:
+        row["points_on_first"] = round(
+            100 * (row["report_accuracy"] - rows[0]["report_accuracy"]), 2
+        )
+    return rows
+
+
 def _worker(
     name: str, data: str, epochs: int, fraction: float, seed: int, predictions: str
 ) -> None:
@@ -187,12 +250,21 @@ def _worker(
 
 
 def run(
-    data: str, names: list[str], epochs: int, fraction: float, seed: int, pairs: bool = False
+    data: str,
+    names: list[str],
+    epochs: int,
+    fraction: float,
+    seed: int,
+    pairs: bool = False,
+    groups: list[list[str]] | None = None,
 ) -> dict[str, Any]:
+    # Bad names and epochs fail before anything trains.
+    counts = {name: entry(name, epochs)[1] for name in names}
     for name in names:
-        recipe_config(name)  # a bad name fails before anything trains
+        recipe_config(name)
     if pairs and len(names) < 2:
         raise ValueError(f"--pairs: expected at least 2 recipes, got {names}")
+    keep = pairs or bool(groups)
     started = time.time()
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as logs:
@@ -205,9 +277,9 @@ def run(
             with open(errors[name], "w") as err:  # the child keeps its own descriptor
                 processes[name] = subprocess.Popen(
                     [sys.executable, "-m", "bench.bench_recipes", "--worker", name]
-                    + ["--data", data, "--epochs", str(epochs), "--fraction", str(fraction)]
-                    + ["--seed", str(seed)]
-                    + (["--predictions", str(saved[name])] if pairs else []),
+                    + ["--data", data, "--epochs", str(counts[name])]
+                    + ["--fraction", str(fraction), "--seed", str(seed)]
+                    + (["--predictions", str(saved[name])] if keep else []),
                     cwd=ROOT,
                     stdout=subprocess.PIPE,
                     stderr=err,
@@ -220,6 +292,7 @@ def run(
                 raise RuntimeError(f"recipe {name} exited {process.returncode}:\n{tail}")
             history = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
             results[name] = {
+                "epochs": counts[name],
                 "model": recipe(name).model,
                 "training": recipe(name).training,
                 "seed": seed + recipe(name).seed_offset,
@@ -231,7 +304,9 @@ def run(
             }
             best = results[name]["best_val_accuracy"]
             print(f"{name}: best val_accuracy {best:.4f}", flush=True)
-        table = pair_table(_loaded(saved), seed) if pairs else None
+        loaded = _loaded(saved) if keep else {}
+        table = pair_table(loaded, seed) if pairs else None
+        scored = group_table(loaded, groups, counts, seed) if groups else None
     return {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(started)),
         "epochs": epochs,
@@ -240,6 +315,7 @@ def run(
         "wall_seconds": round(time.time() - started, 1),
         "recipes": results,
         **({"pairs": table} if table is not None else {}),
+        **({"groups": scored} if scored is not None else {}),
     }
 
 
@@ -263,6 +339,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--pairs", action="store_true", help="score every pair as a two-member ensemble"
     )
+    parser.add_argument(
+        "--groups",
+        default="",
+        help="score groups of the --recipes entries as ensembles: 'a+b;c+d+e'",
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--predictions", default="", help=argparse.SUPPRESS)
     parser.add_argument("--output", help=f"default {RESULTS} ({PAIR_RESULTS} with --pairs)")
@@ -271,12 +352,16 @@ def main(argv: list[str] | None = None) -> int:
         _worker(args.worker, args.data, args.epochs, args.fraction, args.seed, args.predictions)
         return 0
     names = [n.strip() for n in args.recipes.split(",") if n.strip()]
-    results = run(args.data, names, args.epochs, args.fraction, args.seed, args.pairs)
-    output = args.output or (PAIR_RESULTS if args.pairs else RESULTS)
+    groups = parse_groups(args.groups, names) if args.groups else None
+    results = run(args.data, names, args.epochs, args.fraction, args.seed, args.pairs, groups)
+    output = args.output or (PAIR_RESULTS if args.pairs or groups else RESULTS)
     Path(output).write_text(json.dumps(results, indent=2) + "\n")
     for row in results.get("pairs", []):
         members = " + ".join(row["members"])
         print(f"{members}: {row['report_accuracy']:.4f} ({row['gain_points']:+.2f} points)")
+    for row in results.get("groups", []):
+        members = " + ".join(row["members"])
+        print(f"{members}: {row['report_accuracy']:.4f} ({row['points_on_first']:+.2f} points)")
     return 0
 
 

@@ -110,3 +110,40 @@ def test_a_pair_of_recipes_is_scored_as_the_searchs_ensemble_gain() -> None:
         pair_table({"a": a, "c": Predictions(a.probabilities, a.probabilities, labels[::-1], 1)}, 1)
     with pytest.raises(ValueError, match="at least 2"):
         pair_table({"a": a}, 2017)
+
+
+def test_recipes_train_their_own_epochs_and_groups_of_them_score_as_ensembles() -> None:
+    import numpy as np
+    import pytest
+
+    from bench.bench_recipes import entry, group_table, parse_groups, recipe_config
+    from bench.value_baseline import flip_mean, report_accuracy
+    from schema.run import Predictions
+
+    assert entry("fast-cnn", 8) == ("fast-cnn", 8)
+    assert entry("neighbour-crop@57", 8) == ("neighbour-crop", 57)
+    assert recipe_config("neighbour-crop@57") == recipe_config("neighbour-crop")
+    with pytest.raises(ValueError, match="name@epochs"):
+        entry("fast-cnn@0", 8)
+    with pytest.raises(ValueError, match="name@epochs"):
+        entry("fast-cnn@many", 8)
+
+    names = ["a@2", "b@1", "c@1"]
+    assert parse_groups("a@2; b@1+c@1", names) == [["a@2"], ["b@1", "c@1"]]
+    with pytest.raises(ValueError, match="--recipes entries"):
+        parse_groups("a@2;b@1+d@1", names)
+
+    rng = np.random.default_rng(1)
+    labels = np.repeat(np.arange(7), 30)
+    predictions = {}
+    for name in names:
+        p = rng.dirichlet(np.ones(7), size=labels.size).astype(np.float32)
+        predictions[name] = Predictions(p, p[::-1].copy(), labels, epoch=1)
+    rows = group_table(predictions, [["a@2"], ["b@1", "c@1"]], {"a@2": 2, "b@1": 1, "c@1": 1}, 3)
+    assert [row["member_epochs"] for row in rows] == [2, 2]
+    pair = flip_mean([predictions["b@1"], predictions["c@1"]])
+    assert rows[1]["report_accuracy"] == round(report_accuracy(pair, labels, 3), 4)
+    assert rows[0]["points_on_first"] == 0.0
+    assert rows[1]["points_on_first"] == round(
+        100 * (rows[1]["report_accuracy"] - rows[0]["report_accuracy"]), 2
+    )
