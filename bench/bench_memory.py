@@ -144,12 +144,12 @@ def run(
             raise RuntimeError(f"case {name}: the trial did not report ({result.error})")
         placement = placed[name].placement
         peaks = [round(float(v), 1) for v in history["peak_memory_mb"]]
-        estimate = float(placement["host_mb"])
+        estimate = placement.host_mb
         rows.append(
             {
                 "config": name,
                 "optimizer": placed[name].plan.training.optimizer,
-                "params": int(placement["param_count"]),
+                "params": placement.param_count,
                 "batch": placed[name].plan.training.batch_size,
                 "train_fraction": placed[name].plan.training.train_fraction,
                 "estimated_mb": round(estimate, 1),

@@ -8,7 +8,7 @@ config `PlacedTrial.tune_config()` returns; the trial (`jobs/trial.py`) and the 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from model.optimizers import OPTIMIZERS
@@ -126,11 +126,48 @@ class TrialPlan:
 
 
 @dataclass(frozen=True)
+class TrialPlacement:
+    """What a trial was placed by (`jobs.resources.place` on the planner's worker budget), in
+    MiB: what counts against the worker budget (the whole trial on a CPU worker, the card's
+    share on a GPU worker: against `gpu_peak_memory_mb`), the host memory reserved (against the
+    trial's `peak_memory_mb`), the Ray resources and label selector that reserve it, and the
+    factor on the calibration's epoch time estimate the trials so far measured."""
+
+    status: str  # "fits", "downsized", "does_not_fit"
+    estimated_mb: float
+    host_mb: float
+    param_count: int
+    resources: dict[str, float] = field(default_factory=dict)
+    label_selector: dict[str, str] = field(default_factory=dict)
+    gpu_memory_limit_mb: float = 0.0
+    reason: str = ""
+    min_estimated_mb: float = 0.0  # at the smallest micro-batch tried (refusals only)
+    epoch_time_correction: float = 1.0
+
+    @property
+    def on_card(self) -> bool:
+        return bool(self.resources.get("GPU"))
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], where: str = "placement") -> TrialPlacement:
+        """A placement from its JSON form; a ValueError names the fields it does not know."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"{where}: unknown fields {unknown}; expected some of {sorted(known)}")
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form: what Tune's trial config and the parent's search/space.json hold."""
+        return asdict(self)
+
+
+@dataclass(frozen=True)
 class PlacedTrial:
-    """A plan with its placement (see jobs/resources.py) and time estimate."""
+    """A plan with its placement and time estimate."""
 
     plan: TrialPlan
-    placement: dict[str, Any]
+    placement: TrialPlacement
     estimated_epoch_seconds: float
     refusal: str = ""  # "", layout.STATUS_DOES_NOT_FIT or layout.STATUS_OVER_BUDGET
     reason: str = ""
@@ -139,7 +176,7 @@ class PlacedTrial:
     def uncorrected_epoch_seconds(self) -> float:
         """The calibration's epoch time estimate, before the correction the trials measured
         (`epoch_time_correction`) was applied: what a measured epoch is compared with."""
-        return self.estimated_epoch_seconds / self.placement.get("epoch_time_correction", 1.0)
+        return self.estimated_epoch_seconds / self.placement.epoch_time_correction
 
     def tune_config(self) -> dict[str, Any]:
         """What Tune's trial config holds: everything the trial and the logger need."""
@@ -148,10 +185,10 @@ class PlacedTrial:
             "phase": self.plan.phase,
             "warm_start": self.plan.warm_start,
             "warm_start_from": self.plan.warm_start_from,
-            "resources": self.placement["resources"],
-            "label_selector": self.placement["label_selector"],
-            "gpu_memory_limit_mb": self.placement["gpu_memory_limit_mb"],
-            "placement": self.placement,
+            "resources": self.placement.resources,
+            "label_selector": self.placement.label_selector,
+            "gpu_memory_limit_mb": self.placement.gpu_memory_limit_mb,
+            "placement": self.placement.to_dict(),
             "estimated_epoch_seconds": self.estimated_epoch_seconds,
         }
         return {"plan": self.plan.name, "trial": trial}
@@ -168,7 +205,8 @@ def placed_from_config(config: dict[str, Any]) -> PlacedTrial:
         trial.get("warm_start", ""),
         trial.get("warm_start_from", ""),
     )
-    return PlacedTrial(plan, trial["placement"], float(trial.get("estimated_epoch_seconds", 0.0)))
+    placement = TrialPlacement.from_dict(trial["placement"], f"trial {trial['name']}: placement")
+    return PlacedTrial(plan, placement, float(trial.get("estimated_epoch_seconds", 0.0)))
 
 
 def flat_params(placed: PlacedTrial) -> dict[str, str]:
@@ -178,13 +216,12 @@ def flat_params(placed: PlacedTrial) -> dict[str, str]:
         "family": plan.model["family"],
         "plan_name": plan.name,
         "phase": plan.phase,
-        "param_count": str(placed.placement["param_count"]),
-        "estimated_memory_mb": f"{placed.placement['estimated_mb']:.1f}",
+        "param_count": str(placed.placement.param_count),
+        "estimated_memory_mb": f"{placed.placement.estimated_mb:.1f}",
         "estimated_epoch_seconds": f"{placed.estimated_epoch_seconds:.4g}",
-        "placement": placed.placement["status"],
+        "placement": placed.placement.status,
+        "estimated_host_memory_mb": f"{placed.placement.host_mb:.1f}",
     }
-    host = placed.placement.get("host_mb", placed.placement["estimated_mb"])
-    params["estimated_host_memory_mb"] = f"{host:.1f}"
     if plan.warm_start_from:
         params["warm_start_from"] = plan.warm_start_from
     for key, value in plan.training.to_dict().items():

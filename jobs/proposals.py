@@ -22,7 +22,7 @@ from typing import Any
 
 from ray.tune.search import Searcher
 
-from jobs.plan import PlacedTrial, TrainingConfig, TrialPlan
+from jobs.plan import PlacedTrial, TrainingConfig, TrialPlacement, TrialPlan
 from jobs.scheduling import epochs_to_reach, rung_images
 from jobs.timing import EpochTimeCorrection
 from schema import run as layout
@@ -132,22 +132,18 @@ class Planner:
             else 0.0
         )
         correction = self.correction.factor
-        summary = {
-            "status": placement.status,
-            # What counts against the worker budget (the whole trial on a CPU worker, the card's
-            # share on a GPU worker: against gpu_peak_memory_mb) and the host memory reserved
-            # (against the trial's peak_memory_mb).
-            "estimated_mb": placement.estimated_mb,
-            "host_mb": placement.host_mb,
-            "param_count": int(model.count_params()),
-            "resources": placement.resources,
-            "label_selector": placement.label_selector,
-            "gpu_memory_limit_mb": placement.gpu_memory_limit_mb,
-            "reason": placement.reason,
-            "min_estimated_mb": placement.min_estimated_bytes / (1 << 20),
-            # The factor on the calibration's epoch time estimate (estimate / this: before it).
-            "epoch_time_correction": correction,
-        }
+        summary = TrialPlacement(
+            status=placement.status,
+            estimated_mb=placement.estimated_mb,
+            host_mb=placement.host_mb,
+            param_count=int(model.count_params()),
+            resources=placement.resources,
+            label_selector=placement.label_selector,
+            gpu_memory_limit_mb=placement.gpu_memory_limit_mb,
+            reason=placement.reason,
+            min_estimated_mb=placement.min_estimated_bytes / (1 << 20),
+            epoch_time_correction=correction,
+        )
         keras.backend.clear_session()
         placed_plan = TrialPlan(
             plan.name, plan.model, training, plan.phase, plan.warm_start, plan.warm_start_from
@@ -262,8 +258,8 @@ class PlacingSearcher(Searcher):
                 log.info(
                     "trial %s: %s, est %.0f MiB, %.0f s/epoch",
                     plan.name,
-                    placed.placement["status"],
-                    placed.placement["estimated_mb"],
+                    placed.placement.status,
+                    placed.placement.estimated_mb,
                     placed.estimated_epoch_seconds,
                 )
                 return placed.tune_config()
@@ -314,7 +310,7 @@ class PlacingSearcher(Searcher):
         if needed <= left:
             return placed
         fraction = training.train_fraction
-        correction = placed.placement["epoch_time_correction"]
+        correction = placed.placement.epoch_time_correction
         corrected = f" x{correction:.2f} as the trials so far measured" if correction != 1 else ""
         reason = (
             f"needs about {needed:.0f} s to reach epoch {epochs} on {fraction:g} of the rows, "

@@ -18,7 +18,7 @@ import optuna
 import pytest
 
 from conftest import sqlite_tracking
-from jobs.plan import PlacedTrial
+from jobs.plan import PlacedTrial, TrialPlacement
 from jobs.proposals import Planner
 from jobs.resources import MIB, WorkerBudget
 from jobs.search.context import SearchContext, SearchData, SearchRun
@@ -91,16 +91,7 @@ def _placed(point: dict[str, Any], name: str, fraction: float) -> PlacedTrial:
     # As the searcher hands it over: Optuna's parameters and the space's constants (family).
     maker = SpacePlanMaker(SETTINGS.max_epochs, SETTINGS.seed, fraction)
     plan = maker({"family": "cnn", **point}, name)
-    placement = {
-        "status": "fits",
-        "estimated_mb": 100.0,
-        "host_mb": 100.0,
-        "param_count": 1000,
-        "resources": {"CPU": 1.0},
-        "label_selector": {},
-        "gpu_memory_limit_mb": 0,
-        "reason": "",
-    }
+    placement = TrialPlacement("fits", 100.0, 100.0, 1000, {"CPU": 1.0})
     return PlacedTrial(plan, placement, 1.0)
 
 

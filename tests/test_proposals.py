@@ -111,7 +111,7 @@ def test_a_proposal_that_fits_no_worker_is_refused_reported_and_the_search_goes_
     inner = ScriptedSearcher([huge, _point("dnn")])
     recorder = Recorder()
     probe = _planner(1 / MIB).place(SpacePlanMaker(30, 0, 1.0)(huge, "probe"))
-    budget_mb = probe.placement["min_estimated_mb"] - 1  # too small at every micro-batch
+    budget_mb = probe.placement.min_estimated_mb - 1  # too small at every micro-batch
     searcher = PlacingSearcher(
         _planner(budget_mb),
         [None],
@@ -400,9 +400,20 @@ def test_settings_refuse_shares_outside_their_range() -> None:
 
 def test_worker_budget_sized_placement_is_recorded_on_the_plan() -> None:
     placed = _planner(64 * GIB / MIB).place(SpacePlanMaker(30, 0, 0.25)(_point("cnn"), "cnn-fast"))
-    assert placed.placement["status"] == "fits"
+    assert placed.placement.status == "fits"
     assert placed.plan.training.micro_batch_size == 64
     assert placed.estimated_epoch_seconds == 0.0  # no calibration, no time estimate
+    # Through Tune's trial config and back, the placement is the same typed object; a field
+    # the trial config holds that the placement does not know is named.
+    from jobs.plan import placed_from_config
+
+    config = placed.tune_config()
+    assert placed_from_config(config) == placed
+    config["trial"]["placement"]["gpu_share"] = 0.5
+    with pytest.raises(
+        ValueError, match=r"trial cnn-fast: placement: unknown fields \['gpu_share'\]"
+    ):
+        placed_from_config(config)
 
 
 def test_a_coursework_model_the_budget_could_not_train_is_said_so_in_words() -> None:
@@ -454,15 +465,15 @@ def test_the_runtime_memory_measured_at_calibration_is_applied() -> None:
     rows = round(28709 * 0.25)
     data = TrialOverhead().data_bytes(rows, 3589, 0.25)
     assert data == (2 * rows + 2 * 3589) * 48 * 48  # its share and tensor; val and mirror
-    assert calibrated["host_mb"] == pytest.approx((step + runtime + checkpoint + data) / MIB)
-    assert calibrated["estimated_mb"] == calibrated["host_mb"]  # a CPU worker holds it all
-    assert calibrated["resources"]["memory"] == pytest.approx(calibrated["host_mb"] * MIB)
-    assert calibrated["host_mb"] - uncalibrated["host_mb"] == pytest.approx(
+    assert calibrated.host_mb == pytest.approx((step + runtime + checkpoint + data) / MIB)
+    assert calibrated.estimated_mb == calibrated.host_mb  # a CPU worker holds it all
+    assert calibrated.resources["memory"] == pytest.approx(calibrated.host_mb * MIB)
+    assert calibrated.host_mb - uncalibrated.host_mb == pytest.approx(
         (runtime - DEFAULT_RUNTIME_BYTES) / MIB
     )
     # The same trial on a worker that holds its step but not the rest is downsized, not fitted.
     tight = _planner((step + runtime) / MIB, measured).place(plan).placement
-    assert tight["status"] != "fits"
+    assert tight.status != "fits"
 
 
 def test_on_a_gpu_worker_the_card_holds_the_step_and_host_memory_the_rest() -> None:
@@ -489,12 +500,13 @@ def test_on_a_gpu_worker_the_card_holds_the_step_and_host_memory_the_rest() -> N
 
 
 def test_a_trial_over_its_reservation_is_told_apart_host_and_card() -> None:
+    from jobs.plan import TrialPlacement
     from jobs.tracking.trials import memory_over_reservation
 
-    cpu = {"estimated_mb": 100.0, "host_mb": 100.0, "resources": {"CPU": 1, "memory": 1.0}}
+    cpu = TrialPlacement("fits", 100.0, 100.0, 1000, {"CPU": 1, "memory": 1.0})
     assert memory_over_reservation({"peak_memory_mb": 119.0}, cpu) == ""
     assert "host: measured peak 130 MiB" in memory_over_reservation({"peak_memory_mb": 130.0}, cpu)
-    gpu = {"estimated_mb": 100.0, "host_mb": 400.0, "resources": {"CPU": 1, "GPU": 0.1}}
+    gpu = TrialPlacement("fits", 100.0, 400.0, 1000, {"CPU": 1, "GPU": 0.1})
     # 300 MiB of host memory is within its 400 MiB host reservation; the card is over.
     found = memory_over_reservation({"peak_memory_mb": 300.0, "gpu_peak_memory_mb": 150.0}, gpu)
     assert found.startswith("GPU: measured peak 150 MiB") and "host" not in found

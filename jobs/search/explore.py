@@ -189,7 +189,7 @@ def plan_trials(
     entries = []
     for plan in _plans(plans, fraction, settings.precision):
         placed = planner.place(plan)
-        entries.append({"plan": placed.plan.to_dict(), "placement": placed.placement})
+        entries.append({"plan": placed.plan.to_dict(), "placement": placed.placement.to_dict()})
     return entries
 
 

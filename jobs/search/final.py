@@ -237,7 +237,7 @@ def _final_plan(
     # What the explored trial measured corrects the estimate (same worker kind, same load), on
     # both estimates before the planner's correction (each was placed with the one of its time).
     estimated = explored.uncorrected_epoch_seconds
-    correction = full.placement["epoch_time_correction"]
+    correction = full.placement.epoch_time_correction
     ratio = measured / estimated if estimated > 0 and measured > 0 else correction
     low, high = CORRECTION_RANGE
     per_epoch = full.estimated_epoch_seconds / correction * min(max(ratio, low), high)

@@ -14,7 +14,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from ray import tune
 
-from jobs.plan import flat_params, placed_from_config
+from jobs.plan import TrialPlacement, flat_params, placed_from_config
 from jobs.tracking.models import dataset_inputs, log_keras_model
 from jobs.tracking.queue import TrackingQueue
 from jobs.training import BEST_MODEL, BEST_PREDICTIONS
@@ -46,15 +46,13 @@ TAG_STOP_REASON = layout.TAG_STOP_REASON
 STOP_MARGIN_S = 10.0
 
 
-def memory_over_reservation(result: dict[str, Any], placement: dict[str, Any]) -> str:
+def memory_over_reservation(result: dict[str, Any], placement: TrialPlacement) -> str:
     """Why a trial's measured peak is over MEMORY_OVER_RESERVATION times what it was placed by
     (host memory; on a GPU worker, the card too), in words; "" when it is not."""
-    host = placement.get("host_mb", placement.get("estimated_mb"))
-    on_card = bool(placement.get("resources", {}).get("GPU"))
     found = []
     for measured, estimate, where in (
-        ("peak_memory_mb", host, "host"),
-        ("gpu_peak_memory_mb", placement.get("estimated_mb") if on_card else 0.0, "GPU"),
+        ("peak_memory_mb", placement.host_mb, "host"),
+        ("gpu_peak_memory_mb", placement.estimated_mb if placement.on_card else 0.0, "GPU"),
     ):
         peak = float(result.get(measured) or 0.0)
         estimate = float(estimate or 0.0)
@@ -266,7 +264,7 @@ class MLflowTrialLogger(tune.Callback):
             placed.plan.model,
             training,
             self.data_info,
-            int(placed.placement["param_count"]),
+            placed.placement.param_count,
         )
 
         def finish() -> None:
