@@ -22,6 +22,16 @@ EXPLORE = layout.PHASE_EXPLORE
 FINAL = layout.PHASE_FINAL
 
 
+def _known_fields(cls: type, values: dict[str, Any], where: str) -> dict[str, Any]:
+    """`values` where every key is a field of the dataclass `cls`; else a ValueError naming
+    the others, under `where`."""
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"{where}: unknown fields {unknown}; expected some of {sorted(known)}")
+    return values
+
+
 @dataclass(frozen=True)
 class TrainingConfig:
     batch_size: int = 64
@@ -87,11 +97,7 @@ class TrainingConfig:
     def from_dict(cls, values: dict[str, Any], where: str = "training") -> TrainingConfig:
         """A config from its JSON form (a field it lacks keeps its default); a ValueError
         names the fields it does not know."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"{where}: unknown fields {unknown}; expected some of {sorted(known)}")
-        return cls(**values)
+        return cls(**_known_fields(cls, values, where))
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON form: what Tune's trial config and the logged run config hold."""
@@ -151,11 +157,7 @@ class TrialPlacement:
     @classmethod
     def from_dict(cls, values: dict[str, Any], where: str = "placement") -> TrialPlacement:
         """A placement from its JSON form; a ValueError names the fields it does not know."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"{where}: unknown fields {unknown}; expected some of {sorted(known)}")
-        return cls(**values)
+        return cls(**_known_fields(cls, values, where))
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON form: what Tune's trial config and the parent's search/space.json hold."""
