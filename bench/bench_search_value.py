@@ -363,10 +363,11 @@ def run(
                 )
             # Each regime says when and at which commit it ran: a later run of the other
             # regime keeps it (bench/results/search_value.json).
-            found[f"search_value_{name}"] |= {
-                "run_date": results["search_value_run_date"],
-                "commit": commit,
-            }
+            when = {"run_date": results["search_value_run_date"], "commit": commit}
+            found[f"search_value_{name}"] |= when
+            if "warm_start_gain_points" in found:
+                # Kept by a later run without the second search (`--first-search-only`).
+                found["warm_start_run"] = when
             results.update(found)
         except Exception as error:  # one regime failing must not lose the other's hours
             errors[name] = f"{type(error).__name__}: {error}"
@@ -418,9 +419,26 @@ def details(results: dict[str, Any], fmt: Callable[[Any], str]) -> list[str]:
                 else ""
             )
         )
+    lines += _warm_start_kept(results, fmt)
     if results.get("search_value_errors"):
         lines.append(f"- search value failed in: {results['search_value_errors']}.")
     return lines
+
+
+def _warm_start_kept(results: dict[str, Any], fmt: Callable[[Any], str]) -> list[str]:
+    """The warm-start figures where they come from an earlier run than the large regime's
+    (its last run left the second search out): that run's date, commit and reuse."""
+    run = results.get("warm_start_run") or {}
+    large = results.get("search_value_large") or {}
+    if "warm_start_gain_points" not in results or "second_search" in large:
+        return []
+    when = f"run {run['run_date']}, commit `{run.get('commit')}`" if run else "an earlier run"
+    return [
+        f"- warm start ({when}; the large regime's last run left the second search out): the "
+        f"second search in the same store {fmt(results['warm_start_gain_points'])} points on "
+        f"the first; its parent run on reused trials: "
+        f"{results.get('warm_start_reused_trials') or 'nothing logged'}."
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -217,6 +217,15 @@ def test_run_all_runs_the_search_value_arm_only_with_the_budget_flag(
     described = run_all.details(results)
     assert "by hand: 0.645 with 2 trials in 58.5 min" in described
     assert "search: 0.64 with 9 trials in 57 min (members ensemble-of-3" in described
+    # Warm-start figures kept from an earlier run than the large regime's say which run.
+    kept = {
+        **results,
+        "search_value_large": {"baseline": {}, "search": {}, "run_date": "later"},
+        "warm_start_run": {"run_date": "2026-12-05 17:47 UTC", "commit": "0c45377"},
+    }
+    assert "- warm start (run 2026-12-05 17:47 UTC, commit `0c45377`;" in run_all.details(kept)
+    kept["search_value_large"]["second_search"] = {}
+    assert "- warm start" not in run_all.details(kept)
     # Not re-run: the stored figures come back.
     assert run_all.run_all("data.csv", False, ["load-not-run"])["search_gain_points_large"] == 2.5
     with pytest.raises(SystemExit):
