@@ -31,6 +31,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from jobs.plan import TrainingConfig, TrialPlan
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -51,19 +53,9 @@ def bench_model() -> dict[str, Any]:
     )
 
 
-def _plan(name: str, epochs: int) -> dict[str, Any]:
-    return {
-        "name": name,
-        "model": bench_model(),
-        "training": {
-            "batch_size": 64,
-            "micro_batch_size": 64,
-            "learning_rate": 0.001,
-            "optimizer": "adam",
-            "max_epochs": epochs,
-            "seed": 2017,
-        },
-    }
+def _plan(name: str, epochs: int) -> TrialPlan:
+    training = TrainingConfig(batch_size=64, micro_batch_size=64, max_epochs=epochs, seed=2017)
+    return TrialPlan(name, bench_model(), training)
 
 
 def _summary(values: list[float]) -> dict[str, float]:
@@ -79,7 +71,7 @@ def _search(
     data: str,
     fraction: float,
     epochs: int,
-    plans: list[dict[str, Any]],
+    plans: list[TrialPlan],
     cpus_per_trial: float,
     workdir: Path,
     name: str,

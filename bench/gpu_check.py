@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -164,7 +165,7 @@ def packed_trials(data: str, card_mb: int, workdir: Path) -> dict[str, Any]:
     os.environ["MLFLOW_TRACKING_URI"] = uri
     mlflow.set_tracking_uri(uri)
     base = fixed_points(("cnn", "dnn"), 2, 0)[:2]
-    plans = [{**plan, "name": f"{plan['name']}-{i}"} for i in range(2) for plan in base]
+    plans = [replace(plan, name=f"{plan.name}-{i}") for i in range(2) for plan in base]
     settings = SearchSettings(
         data=data,
         max_epochs=2,

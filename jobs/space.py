@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import replace
 from typing import Any
 
+from jobs.plan import TrainingConfig, TrialPlan
 from model.cnn import SEED2017, SEED2017_PARAMS, CNNConfig
 from model.configs import config_to_dict
 from model.dnn import DNNConfig, param_matched_dnn
@@ -285,31 +287,40 @@ def neighbours(point: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     return found
 
 
-def fixed_points(families: tuple[str, ...], max_epochs: int, seed: int) -> list[dict[str, Any]]:
+def fixed_points(
+    families: tuple[str, ...],
+    max_epochs: int,
+    seed: int,
+    train_fraction: float = 1.0,
+    precision: str = "auto",
+) -> list[TrialPlan]:
     """The CPU-efficient CNN, then SEED2017's parameter-matched DNN, then SEED2017 itself,
-    trained as in the coursework (Adam, batch 64).
+    trained as in the coursework (Adam, batch 64), on `train_fraction` of the rows (the DNN on
+    every row).
 
     Cheap first: Tune launches in this order, and on a laptop CPU one SEED2017 epoch takes
     tens of minutes, so a time-boxed search must not wait behind it. The first is also a point
     of the adaptive space (`fast_cnn_point`); the coursework pair lies outside it.
     """
-    training = {
-        "batch_size": 64,
-        "micro_batch_size": 64,
-        "learning_rate": 0.001,
-        "optimizer": "adam",
-        "max_epochs": max_epochs,
-        "seed": seed,
-    }
+    training = TrainingConfig(
+        batch_size=64,
+        micro_batch_size=64,
+        learning_rate=0.001,
+        optimizer="adam",
+        max_epochs=max_epochs,
+        seed=seed,
+        train_fraction=train_fraction,
+        precision=precision,
+    )
     points = []
     if "cnn" in families:
         # One conv per block with batch norm: about 5x SEED2017's throughput on a laptop core.
         points.append(
-            {
-                "name": "cnn-fast",
-                "model": config_to_dict(FAST_CNN),
-                "training": {**training, "lr_schedule": FAST_CNN_SCHEDULE},
-            }
+            TrialPlan(
+                "cnn-fast",
+                config_to_dict(FAST_CNN),
+                replace(training, lr_schedule=FAST_CNN_SCHEDULE),
+            )
         )
     if "dnn" in families:
         # A cosine schedule: the DNN runs all max_epochs inside a budget, and at a constant
@@ -320,14 +331,14 @@ def fixed_points(families: tuple[str, ...], max_epochs: int, seed: int) -> list[
         # costs half a quarter-row epoch of the known-good CNN. ASHA leaves it out of its
         # rungs (jobs/scheduling.py).
         points.append(
-            {
-                "name": "dnn-matched",
-                "model": config_to_dict(matched_dnn()),
-                "training": {**training, "lr_schedule": "cosine", "train_fraction": 1.0},
-            }
+            TrialPlan(
+                "dnn-matched",
+                config_to_dict(matched_dnn()),
+                replace(training, lr_schedule="cosine", train_fraction=1.0),
+            )
         )
     if "cnn" in families:
-        points.append({"name": "seed2017", "model": config_to_dict(SEED2017), "training": training})
+        points.append(TrialPlan("seed2017", config_to_dict(SEED2017), training))
     return points
 
 

@@ -361,9 +361,10 @@ def test_the_matched_dnn_is_one_config_with_seed2017s_parameter_count() -> None:
         SEED2017_PARAMS
     )
     assert preset_configs()["dnn-matched"] == dnn
-    (point,) = [p for p in fixed_points(("dnn",), 30, 2017) if p["name"] == "dnn-matched"]
-    assert config_from_dict(point["model"]) == dnn
-    assert point["training"]["lr_schedule"] == "cosine"
+    (point,) = [p for p in fixed_points(("dnn",), 30, 2017, 0.25) if p.name == "dnn-matched"]
+    assert config_from_dict(point.model) == dnn
+    assert point.training.lr_schedule == "cosine"
+    assert point.training.train_fraction == 1.0  # every row, whatever the explored share
 
 
 def test_residual_cnn_adds_shortcuts_and_reloads_safely(tmp_path: Path) -> None:

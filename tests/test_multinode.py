@@ -244,7 +244,7 @@ def test_search_places_by_per_gpu_memory_on_a_mixed_gpu_cluster(
     placement = {e["plan"]["name"]: e["placement"] for e in space["plans"]}
     children = child_runs(tracking, result.parent_run_id)
     by_name = {run.info.run_name: run for run in children}
-    assert set(by_name) == {plan["name"] for plan in PLANS}
+    assert set(by_name) == {plan.name for plan in PLANS}
     trained = {name: run for name, run in by_name.items() if name != "huge"}
 
     # 3. What fits no card is refused up front and never launched; the others all finish.

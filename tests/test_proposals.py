@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 from ray.tune.search import Searcher
 
-from jobs.plan import PlacedTrial, TrainingConfig, TrialPlan
+from jobs.plan import PlacedTrial, TrialPlan
 from jobs.proposals import (
     DOES_NOT_FIT,
     MIN_MARGIN_SECONDS,
@@ -139,8 +140,7 @@ def test_a_proposal_that_fits_no_worker_is_refused_reported_and_the_search_goes_
 def test_a_proposal_that_cannot_reach_the_first_rung_in_time_is_not_started() -> None:
     # A worker doing 1 M MAC-equivalents a second: a CNN epoch takes days.
     slow = Calibration(reference_images_per_second=0.01, work_per_second=1e6, threads=1, seconds=1)
-    (fast_cnn,) = [p for p in fixed_points(("cnn",), 30, 0) if p["name"] == "cnn-fast"]
-    plan = TrialPlan("cnn-fast", fast_cnn["model"], TrainingConfig(**fast_cnn["training"]))
+    (plan,) = [p for p in fixed_points(("cnn",), 30, 0) if p.name == "cnn-fast"]
     recorder = Recorder()
     searcher = PlacingSearcher(
         _planner(1e6, slow), [plan], recorder, ProposalClock(600), grace_epochs=2
@@ -180,10 +180,13 @@ def test_the_fixed_points_run_first_then_the_model_based_searcher() -> None:
     # The known-good CNN is the model-based searcher's first point, and trains as planned.
     fast = configs[0]["trial"]
     assert model_from_params(fast_cnn_point(("cnn", "dnn"))) == FAST_CNN
-    (fixed,) = [p for p in fixed_points(("cnn",), 4, settings.seed) if p["name"] == "cnn-fast"]
-    assert fast["model"] == fixed["model"]
-    for key, value in fixed["training"].items():
-        assert fast["training"][key] == value, key
+    (fixed,) = [
+        p
+        for p in fixed_points(("cnn",), 4, settings.seed, 0.25, settings.precision)
+        if p.name == "cnn-fast"
+    ]
+    assert fast["model"] == fixed.model
+    assert fast["training"] == fixed.training.to_dict()
     # Every explored trial on the exploring fraction, but the coursework DNN on every row.
     fractions = {c["plan"]: c["trial"]["training"]["train_fraction"] for c in configs}
     assert fractions.pop("dnn-matched") == 1.0
@@ -359,9 +362,9 @@ def test_a_trial_that_fills_the_time_left_keeps_a_margin_in_seconds_on_a_short_b
     for left in (30.0, 75.0, 300.0, 1800.0):
         assert _seconds_left_to_train(training_seconds(left, FINAL_FILL)) == pytest.approx(left)
     # The same rule cuts the box of a plan that waited for its slot, when it starts.
-    (point,) = [p for p in fixed_points(("dnn",), 30, 2017) if p["name"] == "dnn-matched"]
-    training = TrainingConfig(**point["training"], time_budget_s=1000.0)
-    plan = TrialPlan("late", point["model"], training, "final")
+    (point,) = [p for p in fixed_points(("dnn",), 30, 2017) if p.name == "dnn-matched"]
+    training = replace(point.training, time_budget_s=1000.0)
+    plan = TrialPlan("late", point.model, training, "final")
     searcher = PlacingSearcher(
         _planner(2e9), [plan], Recorder(), ProposalClock(75.0), fill=FINAL_FILL
     )

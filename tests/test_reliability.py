@@ -176,7 +176,7 @@ def tune_results(tune_path: str) -> dict[str, list[dict[str, Any]]]:
     return found
 
 
-def planned(settings: Any) -> list[dict[str, Any]]:
+def planned(settings: Any) -> list[Any]:
     """The plans a search with these settings starts first, in order (names, batch sizes):
     the fixed points, up to num_samples."""
     from jobs.space import fixed_points, parse_families
@@ -221,7 +221,7 @@ def test_01_worker_killed_mid_trial_resumes_from_its_checkpoint(
         final_budget_share=0.0,
     )
     (plan,) = planned(settings)
-    faults = {plan["name"]: {"kill_at_epoch": 2, "kill_marker": str(marker)}}
+    faults = {plan.name: {"kill_at_epoch": 2, "kill_marker": str(marker)}}
 
     with faulty_ray(faults):
         result = run_search(settings)
@@ -383,7 +383,7 @@ def test_03_tracking_server_down_30s_then_every_metric_arrives(
         assert "tracking store unreachable" in log.read_text(), "the outage went unnoticed"
 
         runs = child_runs(client, parent_id)
-        names = {p["name"] for p in planned(SearchSettings(families="cnn", num_samples=2))}
+        names = {p.name for p in planned(SearchSettings(families="cnn", num_samples=2))}
         assert {r.info.run_name for r in runs} == names and len(runs) == 2
         during = 0
         for run in runs:
@@ -589,11 +589,11 @@ def test_06_runtime_oom_halves_the_micro_batch_and_is_recorded(
         final_budget_share=0.0,
     )
     (plan,) = planned(settings)
-    batch = plan["training"]["batch_size"]
+    batch = plan.training.batch_size
     half = batch // 2
     assert batch <= 64, "84 training rows must make at least two micro-batches an epoch"
     # A real tf.errors.ResourceExhaustedError in epoch 2 while the micro-batch is above half.
-    faults = {plan["name"]: {"oom_at_epoch": 2, "above_micro_batch": half}}
+    faults = {plan.name: {"oom_at_epoch": 2, "above_micro_batch": half}}
 
     with faulty_ray(faults):
         result = run_search(settings)

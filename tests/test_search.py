@@ -14,6 +14,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import child_runs
+from jobs.plan import TrainingConfig, TrialPlan
 from jobs.resources import GIB, MIB, WorkerBudget, budget_from_nodes, place
 from jobs.search import Strategy, plan_trials, run_search
 from jobs.settings import SearchSettings
@@ -23,14 +24,13 @@ from schema import run as layout
 from viz_helpers import write_fer_csv
 
 
-def big_cnn_plan(name: str) -> dict:
+def big_cnn_plan(name: str) -> TrialPlan:
     """A kernel-5 CNN at batch 128: several times SEED2017's training memory."""
     from model.configs import CNNConfig, config_to_dict
 
     config = CNNConfig(filters=(64, 128, 256), convs_per_block=2, kernel_size=5, dense_units=(256,))
-    training = {"batch_size": 128, "micro_batch_size": 128, "learning_rate": 1e-3}
-    training |= {"optimizer": "adam", "max_epochs": 2, "seed": 2017}
-    return {"name": name, "model": config_to_dict(config), "training": training}
+    training = TrainingConfig(batch_size=128, micro_batch_size=128, max_epochs=2, seed=2017)
+    return TrialPlan(name, config_to_dict(config), training)
 
 
 @pytest.fixture(scope="module")
@@ -247,21 +247,14 @@ def test_trials_start_in_plan_order_on_a_local_ray(
     from model.configs import DNNConfig, config_to_dict
 
     data = write_fer_csv(tmp_path / "fer.csv")
-    training = {
-        "batch_size": 16,
-        "micro_batch_size": 16,
-        "learning_rate": 0.001,
-        "optimizer": "adam",
-        "max_epochs": 1,
-        "seed": 0,
-    }
+    training = TrainingConfig(batch_size=16, micro_batch_size=16, max_epochs=1, seed=0)
     widths = (16, 512, 64, 1024)
     plans = [
-        {
-            "name": f"order-{index}",
-            "model": config_to_dict(DNNConfig(hidden_units=(width,), normalization="rescale")),
-            "training": dict(training),
-        }
+        TrialPlan(
+            f"order-{index}",
+            config_to_dict(DNNConfig(hidden_units=(width,), normalization="rescale")),
+            training,
+        )
         for index, width in enumerate(widths)
     ]
     settings = SearchSettings(

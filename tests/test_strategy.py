@@ -8,7 +8,7 @@ from dataclasses import replace
 import pytest
 from ray.tune.search import Searcher
 
-from jobs.plan import PlacedTrial
+from jobs.plan import PlacedTrial, TrainingConfig, TrialPlan
 from jobs.proposals import OVER_BUDGET, SETUP_SECONDS, PlacingSearcher, Planner, ProposalClock
 from jobs.resources import GIB, WorkerBudget
 from jobs.search.final import FINAL_FILL, exploit_plans
@@ -158,8 +158,11 @@ def test_without_a_calibration_the_search_explores() -> None:
 def test_fixed_plans_are_checked() -> None:
     with pytest.raises(ValueError, match="at least one plan"):
         Strategy.fixed([])
-    with pytest.raises(ValueError, match=r"plan 0 lacks \['training'\]"):
+    with pytest.raises(ValueError, match=r"plan 0: expected a jobs.plan.TrialPlan, got dict"):
         Strategy.fixed([{"name": "a", "model": {}}])
+    plan = TrialPlan("a", {}, TrainingConfig())
+    with pytest.raises(ValueError, match=r"distinct plan names, got \['a'\] twice"):
+        Strategy.fixed([plan, plan])
 
 
 def test_exploit_trains_seeded_copies_on_every_row_and_boxes_the_coursework_anchors() -> None:

@@ -354,21 +354,12 @@ def png_has_content(path: Path, min_colours: int = 16) -> bool:
     return colours >= min_colours and non_white > 0.01
 
 
-def dnn_plan(name: str, hidden: tuple[int, ...], max_epochs: int = 1) -> dict[str, Any]:
+def dnn_plan(name: str, hidden: tuple[int, ...], max_epochs: int = 1) -> Any:
     """A DNN trial plan for `Strategy.fixed(plans)`: batch 32; the hidden sizes set its
     estimated memory."""
+    from jobs.plan import TrainingConfig, TrialPlan
     from model.configs import config_to_dict
     from model.dnn import DNNConfig
 
-    return {
-        "name": name,
-        "model": config_to_dict(DNNConfig(hidden_units=hidden, dropout=0.1)),
-        "training": {
-            "batch_size": 32,
-            "micro_batch_size": 32,
-            "learning_rate": 1e-3,
-            "optimizer": "adam",
-            "max_epochs": max_epochs,
-            "seed": 7,
-        },
-    }
+    training = TrainingConfig(batch_size=32, micro_batch_size=32, max_epochs=max_epochs, seed=7)
+    return TrialPlan(name, config_to_dict(DNNConfig(hidden_units=hidden, dropout=0.1)), training)

@@ -8,7 +8,7 @@ refused ones reach MLflow through the `on_refusal` callable the searcher is give
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from ray.tune.search.optuna import OptunaSearch
@@ -146,19 +146,13 @@ def remembered(ctx: SearchContext) -> Memory | None:
     return memory
 
 
-def _plans(
-    dicts: list[dict[str, Any]], train_fraction: float, precision: str = "auto"
-) -> list[TrialPlan]:
+def _given(plans: list[TrialPlan], precision: str) -> list[TrialPlan]:
+    """Given plans, at the search's precision where theirs is "auto"."""
     return [
-        TrialPlan(
-            p["name"],
-            p["model"],
-            TrainingConfig.from_dict(
-                {"train_fraction": train_fraction, "precision": precision, **p["training"]},
-                f"plan {p['name']}: training",
-            ),
-        )
-        for p in dicts
+        replace(p, training=replace(p.training, precision=precision))
+        if p.training.precision == "auto"
+        else p
+        for p in plans
     ]
 
 
@@ -171,7 +165,7 @@ def explore_fraction(settings: SearchSettings, train_rows: int) -> float:
 
 
 def plan_trials(
-    settings: SearchSettings, budget: Any, plans: list[dict[str, Any]] | None = None
+    settings: SearchSettings, budget: Any, plans: list[TrialPlan] | None = None
 ) -> list[dict[str, Any]]:
     """Place the fixed points (or `plans`) on `budget`: entries {"plan", "placement"}.
 
@@ -180,14 +174,16 @@ def plan_trials(
     from jobs.space import fixed_points, parse_families
 
     if plans is None:
-        fixed = fixed_points(parse_families(settings.families), settings.max_epochs, settings.seed)
-        plans = fixed[: settings.num_samples]
-        fraction = settings.explore_fraction
-    else:
-        fraction = 1.0
+        plans = fixed_points(
+            parse_families(settings.families),
+            settings.max_epochs,
+            settings.seed,
+            settings.explore_fraction,
+            settings.precision,
+        )[: settings.num_samples]
     planner = Planner(budget, settings.cpus_per_trial, 1, 0)
     entries = []
-    for plan in _plans(plans, fraction, settings.precision):
+    for plan in _given(plans, settings.precision):
         placed = planner.place(plan)
         entries.append({"plan": placed.plan.to_dict(), "placement": placed.placement.to_dict()})
     return entries
@@ -198,7 +194,7 @@ def _explore_searcher(
     planner: Planner,
     on_refusal: Any,
     budget_s: float,
-    plans: list[dict[str, Any]] | None,
+    plans: list[TrialPlan] | None,
     memory: Memory | None = None,
 ) -> PlacingSearcher:
     """Fixed points first (the known-good CNN, or with `memory` the best config of earlier
@@ -211,15 +207,20 @@ def _explore_searcher(
 
     clock = ProposalClock(budget_s)
     if plans is not None:
-        fixed_plans = _plans(plans, 1.0, settings.precision)
         return PlacingSearcher(
-            planner, fixed_plans, on_refusal, clock, grace_epochs=grace_epochs(settings, 1.0)
+            planner,
+            _given(plans, settings.precision),
+            on_refusal,
+            clock,
+            grace_epochs=grace_epochs(settings, 1.0),
         )
     common = {"grace_epochs": grace_epochs(settings, settings.explore_fraction, planner.train_rows)}
     families = parse_families(settings.families)
-    fixed = fixed_points(families, settings.max_epochs, settings.seed)
+    fixed = fixed_points(
+        families, settings.max_epochs, settings.seed, settings.explore_fraction, settings.precision
+    )
     queue: list[TrialPlan | None] = []
-    for plan in _plans(fixed, settings.explore_fraction, settings.precision):
+    for plan in fixed:
         # The known-good CNN is a point of the space: the model-based searcher runs it first.
         queue.append(None if plan.name == FAST_CNN_NAME else plan)
     searched = adaptive_families(families)

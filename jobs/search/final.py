@@ -199,24 +199,16 @@ def exploit_plans(settings: SearchSettings, seconds_left: float, slots: int) -> 
         name = best.name + FINAL_SUFFIX + (f"-{copy + 1}" if copy else "")
         copies.append(TrialPlan(name, best.model, training, FINAL))
     box_s = round(settings.time_budget_min * 60 * COURSEWORK_SHARE, 1)
-    fixed = fixed_points(parse_families(settings.families), settings.max_epochs, settings.seed)
+    families = parse_families(settings.families)
+    fixed = fixed_points(families, settings.max_epochs, settings.seed, 1.0, settings.precision)
     anchors = [
-        TrialPlan(
-            point["name"],
-            point["model"],
-            TrainingConfig.from_dict(
-                {
-                    **point["training"],
-                    "train_fraction": 1.0,
-                    "lr_schedule": "cosine",
-                    "precision": settings.precision,
-                    "time_budget_s": box_s,
-                }
-            ),
-            FINAL,
+        replace(
+            point,
+            training=replace(point.training, lr_schedule="cosine", time_budget_s=box_s),
+            phase=FINAL,
         )
         for point in fixed
-        if point["name"] in COURSEWORK_POINTS and point["name"] != best.name
+        if point.name in COURSEWORK_POINTS and point.name != best.name
     ]
     return copies[:-1] + anchors + copies[-1:]
 

@@ -18,7 +18,7 @@ import logging
 from dataclasses import dataclass, replace
 from typing import Any
 
-from jobs.plan import TrainingConfig, TrialPlan
+from jobs.plan import TrialPlan
 from jobs.settings import SearchSettings
 from schema import run as layout
 
@@ -53,19 +53,26 @@ class Strategy:
     slots: int = 1
     # Exploring pays from this many models per slot: the final's one and the explore phase's.
     explore_min_models: float = 0.0
-    # FIXED: exactly these plans ({"name", "model", "training"}), in order, on every row.
-    plans: tuple[dict[str, Any], ...] = ()
+    # FIXED: exactly these plans, in order, each on the share of rows its training names.
+    plans: tuple[TrialPlan, ...] = ()
 
     @classmethod
-    def fixed(cls, plans: list[dict[str, Any]]) -> Strategy:
+    def fixed(cls, plans: list[TrialPlan]) -> Strategy:
         """Train exactly `plans` side by side, placed and tracked like any trial, no final phase
-        (comparing given configs: bench/bench_search.py, bench/gpu_check.py)."""
+        (comparing given configs: bench/bench_search.py, bench/gpu_check.py). A plan whose
+        precision is "auto" trains at the search's."""
         if not plans:
             raise ValueError("Strategy.fixed: expected at least one plan, got none")
         for index, plan in enumerate(plans):
-            missing = {"name", "model", "training"} - set(plan)
-            if missing:
-                raise ValueError(f"Strategy.fixed: plan {index} lacks {sorted(missing)}")
+            if not isinstance(plan, TrialPlan):
+                raise ValueError(
+                    f"Strategy.fixed: plan {index}: expected a jobs.plan.TrialPlan, "
+                    f"got {type(plan).__name__}"
+                )
+        names = [plan.name for plan in plans]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise ValueError(f"Strategy.fixed: expected distinct plan names, got {repeated} twice")
         return cls(FIXED, 0.0, f"{len(plans)} given plans", plans=tuple(plans))
 
     @property
@@ -87,9 +94,8 @@ def best_known_plan(settings: SearchSettings) -> TrialPlan:
     """The best config known before the search: the known-good CNN (the first fixed point)."""
     from jobs.space import fixed_points, parse_families
 
-    point = fixed_points(parse_families(settings.families), settings.max_epochs, settings.seed)[0]
-    training = {**point["training"], "precision": settings.precision}
-    return TrialPlan(point["name"], point["model"], TrainingConfig.from_dict(training))
+    families = parse_families(settings.families)
+    return fixed_points(families, settings.max_epochs, settings.seed, 1.0, settings.precision)[0]
 
 
 @dataclass(frozen=True)
@@ -120,11 +126,6 @@ def explore_cost(
             epochs = planner.rung_epochs(grace, plan.training)
         return SETUP_SECONDS + epochs * planner.place(plan).estimated_epoch_seconds
 
-    def explored(name: str, model: dict[str, Any], training: dict[str, Any]) -> TrialPlan:
-        # A point that names its own share of the rows (the matched DNN: every row) keeps it.
-        fraction = {"train_fraction": settings.explore_fraction, "precision": settings.precision}
-        return TrialPlan(name, model, TrainingConfig.from_dict({**fraction, **training}))
-
     leader = TrialPlan(
         best_known.name,
         best_known.model,
@@ -136,15 +137,17 @@ def explore_cost(
     )
     proposal_s = seconds(leader, ranked=True)
     # What the explore phase starts first, as many as `num_samples` allows (explore.py).
-    points = fixed_points(parse_families(settings.families), settings.max_epochs, settings.seed)
-    points = points[: settings.num_samples]
+    points = fixed_points(
+        parse_families(settings.families),
+        settings.max_epochs,
+        settings.seed,
+        settings.explore_fraction,
+        settings.precision,
+    )[: settings.num_samples]
     anchors = {
-        point["name"]: seconds(
-            explored(point["name"], point["model"], point["training"]),
-            ranked=point["name"] not in UNRANKED_POINTS,
-        )
+        point.name: seconds(point, ranked=point.name not in UNRANKED_POINTS)
         for point in points
-        if point["name"] in COURSEWORK_POINTS and point["name"] != best_known.name
+        if point.name in COURSEWORK_POINTS and point.name != best_known.name
     }
     proposals = min(EXPLORE_MIN_PROPOSALS, max(0, settings.num_samples - len(points)))
     work = sum(anchors.values()) + proposals * proposal_s
