@@ -273,7 +273,7 @@ def test_trials_start_in_plan_order_on_a_local_ray(
     started = sorted(
         child_runs(tracking, result.parent_run_id), key=lambda run: run.info.start_time
     )
-    assert [run.info.run_name for run in started] == [plan["name"] for plan in plans]
+    assert [run.info.run_name for run in started] == [plan.name for plan in plans]
     assert "TUNE_MAX_PENDING_TRIALS_PG" not in os.environ  # set for the search only
 
 
