@@ -17,7 +17,7 @@ from jobs.plan import TrainingConfig, TrialPlan, placed_from_config
 from jobs.proposals import PlacingSearcher, Planner, ProposalClock
 from jobs.scheduling import epochs_to_reach, first_rung_images, grace_epochs
 from jobs.search.context import SearchContext
-from jobs.search.strategy import FIXED
+from jobs.search.strategy import FIXED, search_fixed_points
 from jobs.search.tune_phase import TuneSpec, fit
 from jobs.settings import SearchSettings
 from jobs.timing import EpochTimeCorrection
@@ -171,16 +171,8 @@ def plan_trials(
 
     What the search launches first, and what its parent run's `search/space.json` lists.
     """
-    from jobs.space import fixed_points, parse_families
-
     if plans is None:
-        plans = fixed_points(
-            parse_families(settings.families),
-            settings.max_epochs,
-            settings.seed,
-            settings.explore_fraction,
-            settings.precision,
-        )[: settings.num_samples]
+        plans = search_fixed_points(settings, settings.explore_fraction)[: settings.num_samples]
     planner = Planner(budget, settings.cpus_per_trial, 1, 0)
     entries = []
     for plan in _given(plans, settings.precision):
@@ -203,7 +195,7 @@ def _explore_searcher(
     configs)."""
     import optuna
 
-    from jobs.space import Space, adaptive_families, fixed_points, parse_families
+    from jobs.space import Space, adaptive_families, parse_families
 
     clock = ProposalClock(budget_s)
     if plans is not None:
@@ -216,11 +208,8 @@ def _explore_searcher(
         )
     common = {"grace_epochs": grace_epochs(settings, settings.explore_fraction, planner.train_rows)}
     families = parse_families(settings.families)
-    fixed = fixed_points(
-        families, settings.max_epochs, settings.seed, settings.explore_fraction, settings.precision
-    )
     queue: list[TrialPlan | None] = []
-    for plan in fixed:
+    for plan in search_fixed_points(settings, settings.explore_fraction):
         # The known-good CNN is a point of the space: the model-based searcher runs it first.
         queue.append(None if plan.name == FAST_CNN_NAME else plan)
     searched = adaptive_families(families)

@@ -181,8 +181,8 @@ def exploit_plans(settings: SearchSettings, seconds_left: float, slots: int) -> 
     COURSEWORK_SHARE of the budget each, on the last slot before its copy starts (that copy
     then fills what is left: `PlacingSearcher(fill=...)`). An anchor that cannot reach its first
     epoch in its box is refused `over_budget` with the numbers, as in an explored search."""
-    from jobs.search.strategy import COURSEWORK_SHARE, best_known_plan
-    from jobs.space import COURSEWORK_POINTS, fixed_points, parse_families
+    from jobs.search.strategy import COURSEWORK_SHARE, best_known_plan, search_fixed_points
+    from jobs.space import COURSEWORK_POINTS
 
     best = best_known_plan(settings)
     budget_s = round(training_seconds(seconds_left, FINAL_FILL), 1)
@@ -199,15 +199,13 @@ def exploit_plans(settings: SearchSettings, seconds_left: float, slots: int) -> 
         name = best.name + FINAL_SUFFIX + (f"-{copy + 1}" if copy else "")
         copies.append(TrialPlan(name, best.model, training, FINAL))
     box_s = round(settings.time_budget_min * 60 * COURSEWORK_SHARE, 1)
-    families = parse_families(settings.families)
-    fixed = fixed_points(families, settings.max_epochs, settings.seed, 1.0, settings.precision)
     anchors = [
         replace(
             point,
             training=replace(point.training, lr_schedule="cosine", time_budget_s=box_s),
             phase=FINAL,
         )
-        for point in fixed
+        for point in search_fixed_points(settings, 1.0)
         if point.name in COURSEWORK_POINTS and point.name != best.name
     ]
     return copies[:-1] + anchors + copies[-1:]

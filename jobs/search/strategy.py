@@ -90,12 +90,21 @@ class Strategy:
         }
 
 
-def best_known_plan(settings: SearchSettings) -> TrialPlan:
-    """The best config known before the search: the known-good CNN (the first fixed point)."""
+def search_fixed_points(settings: SearchSettings, train_fraction: float) -> list[TrialPlan]:
+    """The fixed points of the search's families (`jobs.space.fixed_points`), at its epochs,
+    seed and precision, on `train_fraction` of the rows: the explored share in the explore
+    phase, every row in the final."""
     from jobs.space import fixed_points, parse_families
 
     families = parse_families(settings.families)
-    return fixed_points(families, settings.max_epochs, settings.seed, 1.0, settings.precision)[0]
+    return fixed_points(
+        families, settings.max_epochs, settings.seed, train_fraction, settings.precision
+    )
+
+
+def best_known_plan(settings: SearchSettings) -> TrialPlan:
+    """The best config known before the search: the known-good CNN (the first fixed point)."""
+    return search_fixed_points(settings, 1.0)[0]
 
 
 @dataclass(frozen=True)
@@ -116,7 +125,7 @@ def explore_cost(
     explored run comes first."""
     from jobs.proposals import SETUP_SECONDS
     from jobs.scheduling import grace_epochs
-    from jobs.space import COURSEWORK_POINTS, UNRANKED_POINTS, fixed_points, parse_families
+    from jobs.space import COURSEWORK_POINTS, UNRANKED_POINTS
 
     grace = grace_epochs(settings, settings.explore_fraction, planner.train_rows)
 
@@ -137,13 +146,7 @@ def explore_cost(
     )
     proposal_s = seconds(leader, ranked=True)
     # What the explore phase starts first, as many as `num_samples` allows (explore.py).
-    points = fixed_points(
-        parse_families(settings.families),
-        settings.max_epochs,
-        settings.seed,
-        settings.explore_fraction,
-        settings.precision,
-    )[: settings.num_samples]
+    points = search_fixed_points(settings, settings.explore_fraction)[: settings.num_samples]
     anchors = {
         point.name: seconds(point, ranked=point.name not in UNRANKED_POINTS)
         for point in points
