@@ -114,7 +114,7 @@ def entry(text: str, epochs: int) -> tuple[str, int]:
 
 def recipe(name: str) -> Recipe:
     """A recipe by name or `name@epochs` entry (a ValueError names the recipes there are)."""
-    name = name.partition("@")[0]
+    name, _ = entry(name, 1)
     if name not in RECIPES:
         raise ValueError(f"recipe: expected one of {sorted(RECIPES)}, got {name!r}")
     return RECIPES[name]
